@@ -1,0 +1,255 @@
+"""`prune` and `strip`: symmetric model-cloning passes."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from tfprune import handlers
+from tfprune.methods import base as methods_base
+from tfprune.methods.follow import Follow
+from tfprune.wrapper import PruneWrapper, find_wrappers
+
+
+def _check_model(model, fn):
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"{fn}: `model` must be a keras.Model, got {type(model).__name__}.")
+    if not isinstance(model, (keras.Sequential, keras.Model)) or not _is_graph_model(model):
+        raise ValueError(
+            f"{fn}: model '{model.name}' is a subclassed keras.Model ({type(model).__name__}); "
+            "tfprune can only rebuild Sequential and Functional models. Wrap the layers "
+            "of a subclassed model with tfprune.PruneWrapper(layer, method) directly in its "
+            "__init__ (see the FAQ 'Subclassed models').")
+    if not model.built:
+        raise ValueError(
+            f"{fn}: model '{model.name}' is not built; call it on data or give the "
+            "first layer an input shape (keras.Input) before pruning.")
+
+
+def _is_graph_model(model):
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (keras.Sequential, Functional))
+
+
+def _resolve_targets(model, method, layers):
+    """Returns ``{layer name: Method}`` for the layers to wrap."""
+    all_layers = [layer for layer in _leaf_layers(model)]
+    by_name = {layer.name: layer for layer in all_layers}
+    targets = {}
+    if layers is None:
+        method = methods_base.get(method)
+        outputs = _output_layer_names(model) if method.structure.removes_units else set()
+        for layer in all_layers:
+            if handlers.get_handler(layer) is not None and layer.name not in outputs:
+                targets[layer.name] = method
+    elif callable(layers) and not isinstance(layers, (list, tuple, str)):
+        for layer in all_layers:
+            m = layers(layer)
+            if m is None:
+                continue
+            if handlers.get_handler(layer) is None:
+                raise ValueError(
+                    f"prune: `layers` returned a method for layer '{layer.name}' of type "
+                    f"{type(layer).__name__}, which is not supported; supported types: "
+                    f"{', '.join(handlers.supported_layer_types())}.")
+            targets[layer.name] = methods_base.get(m)
+    else:
+        if isinstance(layers, str):
+            layers = [layers]
+        method = methods_base.get(method)
+        for name in layers:
+            if name not in by_name:
+                raise ValueError(f"prune: `layers` names '{name}', which is not a layer of "
+                                 f"model '{model.name}'; layers: {sorted(by_name)}.")
+            if handlers.get_handler(by_name[name]) is None:
+                raise ValueError(
+                    f"prune: `layers` names '{name}' of type {type(by_name[name]).__name__}, "
+                    f"which is not supported; supported types: "
+                    f"{', '.join(handlers.supported_layer_types())}.")
+            targets[name] = method
+    return targets
+
+
+def _output_layer_names(model):
+    """Names of the layers that produce the model's outputs (their units are never removed)."""
+    names = set()
+    for tensor in keras.tree.flatten(model.outputs):
+        layer, _, _ = tensor._keras_history
+        while isinstance(layer, keras.Model):
+            layer = layer.outputs[0]._keras_history[0] if len(layer.outputs) == 1 else layer
+            if isinstance(layer, keras.Model):
+                names |= _output_layer_names(layer)
+                break
+        names.add(layer.name)
+    return names
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model) and _is_graph_model(layer):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
+def _consumers(model):
+    """``{layer name: [consumer layers]}`` over the (nested) model graph."""
+    out = {}
+    for layer in _leaf_layers(model):
+        cons = []
+        for node in getattr(layer, "_outbound_nodes", []):
+            op = node.operation
+            if op is not None and op is not layer:
+                cons.append(op)
+        out[layer.name] = cons
+    if isinstance(model, keras.Sequential):
+        seq = list(model.layers)
+        for a, b in zip(seq, seq[1:]):
+            out.setdefault(a.name, [])
+            if b not in out[a.name]:
+                out[a.name].append(b)
+    return out
+
+
+def _bn_followers(model, targets):
+    """``{bn name: producer name}`` for BatchNormalization right after a unit-removing layer."""
+    followers = {}
+    consumers = _consumers(model)
+    for name, method in targets.items():
+        if not method.structure.removes_units:
+            continue
+        cons = consumers.get(name, [])
+        if len(cons) == 1 and isinstance(cons[0], keras.layers.BatchNormalization):
+            bn = cons[0]
+            if bn.axis in (-1, len(bn.input.shape) - 1) if hasattr(bn, "input") else True:
+                followers[bn.name] = name
+    return followers
+
+
+def _check_finite(layer):
+    for var in layer.weights:
+        value = keras.ops.convert_to_numpy(var)
+        if not np.all(np.isfinite(value)):
+            raise ValueError(
+                f"prune: layer '{layer.name}' has non-finite values (NaN or inf) in "
+                f"`{var.name}`; fix the model's training before pruning it.")
+
+
+def _copy_weights(src, dst, on_pair):
+    """Walks two structurally identical models in parallel and calls ``on_pair(a, b)``."""
+    for a, b in zip(src.layers, dst.layers):
+        if isinstance(a, keras.Model) and _is_graph_model(a):
+            _copy_weights(a, b, on_pair)
+        else:
+            on_pair(a, b)
+
+
+def prune(model, method=None, *, layers=None):
+    """Returns a copy of ``model`` with its layers wrapped in `PruneWrapper`.
+
+    The input model is left untouched; the trained weights are carried over.
+    Layers that tfprune does not support pass through unchanged. With a
+    structure that removes units (`structures.Filter`), a BatchNormalization
+    that directly follows a pruned layer is wrapped with `methods.Follow`
+    so that pruned channels output exactly zero.
+
+    Args:
+        model: a built Sequential or Functional `keras.Model` (nested models
+            are handled). Subclassed models raise a `ValueError`: wrap their
+            layers with `PruneWrapper` directly.
+        method: a `tfprune.methods.Method` used for every selected layer.
+        layers: None (every supported layer; with a structure that removes
+            units, the layers producing the model's outputs are left dense),
+            a list of layer names, or a
+            callable ``layer -> Method or None`` for per-layer methods (then
+            ``method`` may be None).
+
+    Returns:
+        A new `keras.Model` (not compiled).
+
+    Raises:
+        ValueError: subclassed or unbuilt model, unknown or unsupported layer
+            names, non-finite weights.
+
+    Example:
+        >>> import keras, tfprune
+        >>> from tfprune import methods, structures
+        >>> model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(300),
+        ...                           keras.layers.Dense(10)])
+        >>> pruned = tfprune.prune(model, methods.Magnitude(0.9))
+        >>> pruned = tfprune.prune(model, layers=lambda l: methods.Magnitude(0.5)
+        ...                        if l.name != model.layers[-1].name else None)
+    """
+    _check_model(model, "prune")
+    if find_wrappers(model):
+        raise ValueError(f"prune: model '{model.name}' is already pruned (contains "
+                         "PruneWrapper layers); call tfprune.strip(model) first.")
+    if method is None and not callable(layers):
+        raise ValueError("prune: give a `method` (e.g. methods.Magnitude(0.5)), or a callable "
+                         "`layers` that returns one per layer.")
+    targets = _resolve_targets(model, method, layers)
+    if not targets:
+        raise ValueError(f"prune: model '{model.name}' has no layer to prune; supported types: "
+                         f"{', '.join(handlers.supported_layer_types())}.")
+    for layer in _leaf_layers(model):
+        if layer.name in targets:
+            _check_finite(layer)
+    followers = _bn_followers(model, targets)
+
+    def clone_fn(layer):
+        new = layer.__class__.from_config(layer.get_config())
+        if layer.name in targets:
+            return PruneWrapper(new, targets[layer.name])
+        if layer.name in followers:
+            return PruneWrapper(new, Follow(followers[layer.name]))
+        return new
+
+    pruned = keras.models.clone_model(model, clone_function=clone_fn, recursive=True)
+
+    def copy(a, b):
+        if isinstance(b, PruneWrapper):
+            b.layer.set_weights(a.get_weights())
+            b.method.initialize(b)
+        else:
+            b.set_weights(a.get_weights())
+
+    _copy_weights(model, pruned, copy)
+    return pruned
+
+
+def strip(model):
+    """Removes every `PruneWrapper`: ordinary layers whose pruned weights are exactly zero.
+
+    The plain layers keep their names; outputs equal the pruned model's
+    inference outputs. Works on models without wrappers too (returns a copy).
+
+    Args:
+        model: a pruned Sequential or Functional model, or a single `PruneWrapper`.
+
+    Returns:
+        A new `keras.Model` (or layer) with no tfprune objects in it.
+
+    Example:
+        >>> plain = tfprune.strip(pruned)
+        >>> plain.save("plain.keras")      # loads without tfprune installed
+    """
+    if isinstance(model, PruneWrapper):
+        layer = model.layer.__class__.from_config(model.layer.get_config())
+        layer.build_from_config(model.layer.get_build_config()) if hasattr(
+            model.layer, "get_build_config") and model.layer.get_build_config() else None
+        layer.set_weights(model.masked_weights())
+        return layer
+    _check_model(model, "strip")
+
+    def clone_fn(layer):
+        inner = layer.layer if isinstance(layer, PruneWrapper) else layer
+        return inner.__class__.from_config(inner.get_config())
+
+    plain = keras.models.clone_model(model, clone_function=clone_fn, recursive=True)
+
+    def copy(a, b):
+        b.set_weights(a.masked_weights() if isinstance(a, PruneWrapper) else a.get_weights())
+
+    _copy_weights(model, plain, copy)
+    return plain

@@ -1,0 +1,143 @@
+"""`Pruning`: the one callback `model.fit` needs for every tfprune method."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from tfprune.methods.follow import Follow
+from tfprune.wrapper import find_wrappers
+
+
+class Pruning(keras.callbacks.Callback):
+    """Advances every pruning method of a model during training.
+
+    Before each training step it lets each wrapped layer's method update its
+    state (schedules, temperatures, message passing...), keeps
+    BatchNormalization followers in sync with their producers, and at the end
+    of each epoch runs the methods' per-epoch work. With ``log_dir`` it writes
+    TensorBoard scalars (sparsity per layer and each method's own values) and
+    images of the masks.
+
+    The pruning step is stored in each wrapper (saved with the model), so a
+    model saved mid-training and reloaded resumes exactly where it stopped.
+
+    Args:
+        log_dir: TensorBoard log directory, or None.
+        mask_images: also write mask images (with ``log_dir``).
+
+    Example:
+        >>> pruned.fit(x, y, epochs=2, callbacks=[tfprune.callbacks.Pruning()])
+
+        Custom training loop (the same hooks, called by hand):
+
+        >>> cb = tfprune.callbacks.Pruning()
+        >>> cb.set_model(pruned)
+        >>> cb.on_train_begin()
+        >>> for step, (x, y) in enumerate(dataset):
+        ...     cb.on_train_batch_begin(step)
+        ...     train_step(x, y)           # calls pruned(x, training=True)
+        >>> cb.on_train_end()
+    """
+
+    def __init__(self, log_dir=None, mask_images=True):
+        super().__init__()
+        self.log_dir = log_dir
+        self.mask_images = mask_images
+        self._writer = None
+        self._wrappers = []
+        self._steps = {}
+
+    # -- hooks -----------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self._wrappers = find_wrappers(self.model)
+        if not self._wrappers:
+            raise ValueError(
+                f"Pruning: model '{self.model.name}' has no PruneWrapper layers; "
+                "prune it first with tfprune.prune(model, method).")
+        for w in self._wrappers:
+            if not w.built:
+                raise ValueError(f"Pruning: layer '{w.name}' is not built; build the model first.")
+            w._callback_attached = True
+            self._steps[id(w)] = int(keras.ops.convert_to_numpy(w.step))
+        # A fresh (untraced) train function: the trace must see the attached wrappers,
+        # also after an earlier fit() without this callback failed mid-trace.
+        if getattr(self.model, "train_function", None) is not None:
+            self.model.make_train_function(force=True)
+        self._by_name = {w.name: w for w in self._wrappers}
+        self._followers = [w for w in self._wrappers if isinstance(w.method, Follow)]
+        if self.log_dir is not None and self._writer is None:
+            import tensorflow as tf
+
+            self._writer = tf.summary.create_file_writer(str(self.log_dir))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        changed = False
+        for w in self._wrappers:
+            if w.method.update(w, self._steps[id(w)]):
+                changed = True
+            self._steps[id(w)] += 1
+        if changed:
+            self.sync_followers()
+
+    def on_epoch_end(self, epoch, logs=None):
+        changed = False
+        for w in self._wrappers:
+            changed |= bool(w.method.on_epoch_end(w, epoch))
+        if changed:
+            self.sync_followers()
+        if self._writer is not None:
+            self._write_summaries(epoch)
+
+    def on_train_end(self, logs=None):
+        for w in self._wrappers:
+            w._callback_attached = False
+        # Force a retrace next time: fitting again without this callback must raise.
+        if self.model is not None and hasattr(self.model, "train_function"):
+            self.model.train_function = None
+        if self._writer is not None:
+            self._writer.flush()
+
+    # -- helpers ---------------------------------------------------------------
+    def sync_followers(self):
+        """Copies each producer's unit mask into the BatchNormalization that follows it."""
+        for f in self._followers:
+            src = self._by_name.get(f.method.source)
+            if src is None:
+                raise ValueError(f"Pruning: BatchNormalization '{f.name}' follows layer "
+                                 f"'{f.method.source}', which is not in the model.")
+            mask = src.method.unit_mask(src)
+            if mask is not None:
+                f.method.set_mask(mask)
+
+    def _write_summaries(self, epoch):
+        import tensorflow as tf
+
+        from tfprune.report import layer_sparsity
+
+        with self._writer.as_default(step=epoch):
+            for w in self._wrappers:
+                if isinstance(w.method, Follow):
+                    continue
+                tf.summary.scalar(f"sparsity/{w.name}", layer_sparsity(w))
+                for key, value in w.method.logs(w).items():
+                    tf.summary.scalar(f"{key}/{w.name}", float(value))
+                if self.mask_images:
+                    image = mask_image(w)
+                    if image is not None:
+                        tf.summary.image(f"mask/{w.name}", image[None, :, :, None], step=epoch)
+
+
+def mask_image(wrapper):
+    """The unit kernel's mask as a ``[fan_in, units]`` float image in [0, 1], or None."""
+    from tfprune.handlers import to_canonical
+
+    masks = wrapper.method.final_masks(wrapper)
+    if wrapper.handler is None:
+        return None
+    spec = wrapper.handler.unit_spec()
+    if spec.name not in masks:
+        return None
+    canon = np.asarray(to_canonical(np.asarray(masks[spec.name], "float32"), spec.layout))
+    s, i, o = canon.shape
+    return canon.reshape(s * i, o)

@@ -1,0 +1,9 @@
+"""Pruning methods. Each is a small serializable object; see `tfprune.methods.base`."""
+
+from tfprune.methods.base import MaskedMethod, Method, get
+from tfprune.methods.follow import Follow
+from tfprune.methods.magnitude import Magnitude
+
+BY_NAME = {"magnitude": Magnitude}
+
+__all__ = ["Method", "MaskedMethod", "Magnitude", "Follow", "get"]

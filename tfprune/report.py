@@ -1,0 +1,191 @@
+"""`sparsity_report`: per-layer parameters, sparsity, kept units and FLOPs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+
+from tfprune import handlers
+from tfprune._utils import iter_layers
+from tfprune.handlers import TRANSPOSED, canonical_shape, to_canonical
+from tfprune.wrapper import PruneWrapper
+
+KEYS = ("layer", "type", "params", "nonzero", "sparsity", "units", "units_kept", "flops",
+        "flops_kept", "zeros_in_units", "zeros_in_blocks")
+
+
+@dataclasses.dataclass
+class Report:
+    """The result of `sparsity_report`.
+
+    Attributes:
+        rows: one dict per prunable layer with the keys ``layer``, ``type``,
+            ``params`` (kernel and bias weights), ``nonzero``, ``sparsity``,
+            ``units``, ``units_kept``, ``flops`` (2 x multiply-adds of one
+            sample, dense), ``flops_kept`` (counting only nonzero weights),
+            and the regularity of the zeros: ``zeros_in_units`` (fraction of
+            the layer's zero weights that lie in wholly removed units) and
+            ``zeros_in_blocks`` (fraction lying in all-zero ``4x1`` blocks of
+            the ``[fan_in, units]`` kernel matrix).
+        total: the same keys summed over the layers; ``sparsity`` is
+            ``1 - nonzero/params``, the regularity fractions are weighted by
+            each layer's zeros.
+    """
+
+    rows: list
+    total: dict
+
+    def __str__(self):
+        header = ["layer", "type", "params", "nonzero", "sparsity", "units", "FLOPs", "FLOPs kept"]
+        lines = []
+        for r in self.rows + [self.total]:
+            lines.append([
+                str(r["layer"]), str(r["type"]), f"{r['params']:,}", f"{r['nonzero']:,}",
+                f"{r['sparsity']:.1%}", f"{r['units_kept']}/{r['units']}",
+                _human(r["flops"]), f"{_human(r['flops_kept'])} ({_ratio(r)})",
+            ])
+        widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+        fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        out = [fmt.format(*header), sep] + [fmt.format(*line) for line in lines[:-1]]
+        out += [sep, fmt.format(*lines[-1])]
+        return "\n".join(out)
+
+    def __repr__(self):
+        return str(self)
+
+
+def _human(n):
+    if n is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def _ratio(r):
+    if not r["flops"]:
+        return "-"
+    return f"{r['flops_kept'] / r['flops']:.1%}"
+
+
+def _effective(layer):
+    """(plain layer, {variable name: effective numpy value}) for a wrapped or plain layer."""
+    if isinstance(layer, PruneWrapper):
+        inner = layer.layer
+        values = dict(zip([id(v) for v in inner.weights], layer.masked_weights()))
+    else:
+        inner = layer
+        values = {id(v): keras.ops.convert_to_numpy(v) for v in inner.weights}
+    return inner, values
+
+
+def _spatial(shape):
+    dims = [d for d in shape[1:-1]]
+    if any(d is None for d in dims):
+        return None
+    return math.prod(dims) if dims else 1
+
+
+def _layer_row(layer):
+    inner, values = _effective(layer)
+    handler = handlers.get_handler(inner)
+    params = nonzero = flops = flops_kept = 0
+    zeros_units = zeros_blocks = 0
+    try:
+        out_spatial = _spatial(layer.output.shape)
+        in_spatial = _spatial(layer.input.shape)
+    except (AttributeError, ValueError):
+        out_spatial = in_spatial = None
+    unit_spec = handler.unit_spec()
+    unit_alive = None
+    for spec in handler.kernels:
+        var = getattr(inner, spec.name)
+        w = values[id(var)]
+        canon = np.asarray(to_canonical(w, spec.layout))
+        s, i, o = canon.shape
+        params += canon.size
+        nz = int(np.count_nonzero(canon))
+        nonzero += nz
+        spatial = in_spatial if spec.layout == TRANSPOSED else out_spatial
+        if spatial is not None:
+            flops += 2 * spatial * canon.size
+            flops_kept += 2 * spatial * nz
+        zero = canon == 0
+        mat = zero.reshape(s * i, o)
+        if spec is unit_spec:
+            unit_alive = ~zero.all(axis=(0, 1))
+        zeros_units += int(mat[:, zero.all(axis=(0, 1))].sum())
+        rows = (s * i) // 4 * 4
+        if rows:
+            blocks = mat[:rows].reshape(rows // 4, 4, o).all(axis=1)
+            zeros_blocks += int(blocks.sum()) * 4
+    bias = getattr(inner, handler.bias or "", None) if handler.bias else None
+    if bias is not None:
+        b = values[id(bias)]
+        params += b.size
+        nonzero += int(np.count_nonzero(b))
+    units = int(unit_alive.size)
+    zeros = params - nonzero
+    return {
+        "layer": layer.name, "type": type(inner).__name__, "params": params, "nonzero": nonzero,
+        "sparsity": 1.0 - nonzero / params if params else 0.0, "units": units,
+        "units_kept": int(unit_alive.sum()), "flops": flops if out_spatial is not None else None,
+        "flops_kept": flops_kept if out_spatial is not None else None,
+        "zeros_in_units": zeros_units / zeros if zeros else 0.0,
+        "zeros_in_blocks": zeros_blocks / zeros if zeros else 0.0,
+        "_zeros": zeros,
+    }
+
+
+def sparsity_report(model):
+    """Per-layer report of a pruned, stripped or shrunk model.
+
+    Args:
+        model: a `keras.Model` (with or without `PruneWrapper` layers) or a
+            single layer.
+
+    Returns:
+        A `Report`; ``str(report)`` is a readable table.
+
+    Example:
+        >>> report = tfprune.sparsity_report(pruned)
+        >>> print(report)
+        >>> report.total["sparsity"]
+    """
+    layers = [model] if not isinstance(model, keras.Model) else list(iter_layers(model))
+    rows = []
+    for layer in layers:
+        inner = layer.layer if isinstance(layer, PruneWrapper) else layer
+        if handlers.get_handler(inner) is None or not inner.built:
+            continue
+        rows.append(_layer_row(layer))
+    if not rows:
+        raise ValueError(f"sparsity_report: '{model.name}' has no prunable layer "
+                         f"({', '.join(handlers.supported_layer_types())}).")
+    total = {"layer": "total", "type": ""}
+    for key in ("params", "nonzero", "units", "units_kept"):
+        total[key] = sum(r[key] for r in rows)
+    for key in ("flops", "flops_kept"):
+        vals = [r[key] for r in rows]
+        total[key] = None if any(v is None for v in vals) else sum(vals)
+    total["sparsity"] = 1.0 - total["nonzero"] / total["params"] if total["params"] else 0.0
+    zeros = sum(r["_zeros"] for r in rows)
+    for key in ("zeros_in_units", "zeros_in_blocks"):
+        total[key] = sum(r[key] * r["_zeros"] for r in rows) / zeros if zeros else 0.0
+    for r in rows:
+        del r["_zeros"]
+    return Report(rows=rows, total=total)
+
+
+def layer_sparsity(layer):
+    """Fraction of zero weights (kernels and bias) of one wrapped or plain layer."""
+    row = _layer_row(layer)
+    return row["sparsity"]
+
+
+__all__ = ["Report", "sparsity_report", "layer_sparsity", "canonical_shape"]

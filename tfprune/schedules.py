@@ -1,0 +1,158 @@
+"""Pruning schedules, with the arguments and meaning of tfmot's.
+
+A schedule is called with the pruning step (a Python int, counted by the
+wrapper and advanced by `tfprune.callbacks.Pruning`) and returns
+``(should_prune, sparsity)``: whether the masks are recomputed before this
+step and the sparsity to prune to. Pruning happens at ``begin_step`` and every
+``frequency`` steps after it, up to ``end_step`` (``-1``: no end).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from tfprune._utils import check_fraction, check_int
+
+_PKG = "tfprune"
+
+
+class PruningSchedule:
+    """Base class of the schedules."""
+
+    def __call__(self, step):
+        raise NotImplementedError
+
+    @property
+    def final_sparsity(self):
+        raise NotImplementedError
+
+    def get_config(self):
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+    @staticmethod
+    def _in_range(step, begin, end, frequency):
+        in_range = step >= begin and (end == -1 or step <= end)
+        return in_range and (step - begin) % frequency == 0
+
+
+def _check_steps(owner, begin_step, end_step, frequency, *, need_end=False):
+    check_int(begin_step, "begin_step", owner=owner, minimum=0)
+    check_int(end_step, "end_step", owner=owner, minimum=-1)
+    check_int(frequency, "frequency", owner=owner, minimum=1)
+    if need_end and end_step < 0:
+        raise ValueError(f"{owner}: `end_step` must be >= 0, got {end_step}.")
+    if end_step != -1 and end_step < begin_step:
+        raise ValueError(
+            f"{owner}: `end_step` ({end_step}) must be >= `begin_step` ({begin_step}) or -1."
+        )
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class ConstantSparsity(PruningSchedule):
+    """Prunes to a constant ``target_sparsity`` every ``frequency`` steps.
+
+    Args:
+        target_sparsity: fraction of groups removed, in [0, 1).
+        begin_step: first step at which to prune.
+        end_step: last step at which to prune (-1: until training ends).
+        frequency: prune every ``frequency`` steps.
+
+    Example:
+        >>> s = schedules.ConstantSparsity(0.8, begin_step=0, frequency=100)
+        >>> s(0), s(50), s(100)
+        ((True, 0.8), (False, 0.8), (True, 0.8))
+    """
+
+    def __init__(self, target_sparsity, begin_step, end_step=-1, frequency=100):
+        self.target_sparsity = check_fraction(target_sparsity, "target_sparsity",
+                                              owner="ConstantSparsity")
+        _check_steps("ConstantSparsity", begin_step, end_step, frequency)
+        self.begin_step, self.end_step, self.frequency = begin_step, end_step, frequency
+
+    @property
+    def final_sparsity(self):
+        return self.target_sparsity
+
+    def __call__(self, step):
+        return (self._in_range(step, self.begin_step, self.end_step, self.frequency),
+                self.target_sparsity)
+
+    def get_config(self):
+        return {"target_sparsity": self.target_sparsity, "begin_step": self.begin_step,
+                "end_step": self.end_step, "frequency": self.frequency}
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class PolynomialDecay(PruningSchedule):
+    """Sparsity rises from ``initial_sparsity`` to ``final_sparsity`` (Zhu & Gupta, 2017).
+
+    ``s(t) = final + (initial - final) * (1 - p)**power`` with
+    ``p = (t - begin_step) / (end_step - begin_step)`` clipped to [0, 1].
+
+    Args:
+        initial_sparsity: sparsity at ``begin_step``, in [0, 1).
+        final_sparsity: sparsity from ``end_step`` on, in [0, 1).
+        begin_step: first pruning step.
+        end_step: step at which ``final_sparsity`` is reached (last pruning step).
+        power: exponent of the polynomial.
+        frequency: prune every ``frequency`` steps.
+
+    Example:
+        >>> s = schedules.PolynomialDecay(0.0, 0.9, begin_step=0, end_step=1000)
+        >>> s(1000)
+        (True, 0.9)
+    """
+
+    def __init__(self, initial_sparsity, final_sparsity, begin_step, end_step, power=3,
+                 frequency=100):
+        owner = "PolynomialDecay"
+        self.initial_sparsity = check_fraction(initial_sparsity, "initial_sparsity", owner=owner)
+        self.final_sparsity_ = check_fraction(final_sparsity, "final_sparsity", owner=owner)
+        _check_steps(owner, begin_step, end_step, frequency, need_end=True)
+        if end_step == begin_step:
+            raise ValueError(f"{owner}: `end_step` must be > `begin_step`, got {end_step}.")
+        if not isinstance(power, (int, float)) or power <= 0:
+            raise ValueError(f"{owner}: `power` must be a positive number, got {power!r}.")
+        self.begin_step, self.end_step = begin_step, end_step
+        self.power, self.frequency = power, frequency
+
+    @property
+    def final_sparsity(self):
+        return self.final_sparsity_
+
+    def sparsity(self, step):
+        p = (step - self.begin_step) / (self.end_step - self.begin_step)
+        p = min(1.0, max(0.0, p))
+        return self.final_sparsity_ + (self.initial_sparsity - self.final_sparsity_) * (
+            1.0 - p) ** self.power
+
+    def __call__(self, step):
+        return (self._in_range(step, self.begin_step, self.end_step, self.frequency),
+                self.sparsity(step))
+
+    def get_config(self):
+        return {"initial_sparsity": self.initial_sparsity,
+                "final_sparsity": self.final_sparsity_, "begin_step": self.begin_step,
+                "end_step": self.end_step, "power": self.power, "frequency": self.frequency}
+
+
+def get(identifier):
+    """Resolves None, a config dict or an instance."""
+    if identifier is None or isinstance(identifier, PruningSchedule):
+        return identifier
+    if isinstance(identifier, dict):
+        obj = keras.saving.deserialize_keras_object(identifier)
+        if isinstance(obj, PruningSchedule):
+            return obj
+    raise TypeError(f"Could not interpret schedule identifier: {identifier!r}.")

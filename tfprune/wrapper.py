@@ -1,0 +1,157 @@
+"""`PruneWrapper`: runs a Keras layer with the effective weights of a pruning method."""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+from keras import ops
+
+from tfprune import handlers
+from tfprune.methods import base as methods_base
+
+_PKG = "tfprune"
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class PruneWrapper(keras.layers.Wrapper):
+    """Wraps a layer so that it computes with pruned (masked or sampled) weights.
+
+    The wrapper is thin: the method (`tfprune.methods`) owns the pruning state,
+    which it creates as variables of the wrapper (saved in `.keras` files and
+    checkpoints), and provides the *effective* kernel the wrapped layer then
+    runs its own ``call`` with. The wrapper takes the inner layer's name, so
+    ``model.get_layer(name)`` works before and after `tfprune.strip`.
+
+    Supported layers: Dense, Conv1D/2D/3D, Conv1D/2D/3DTranspose,
+    DepthwiseConv1D/2D, SeparableConv1D/2D (both kernels), and
+    BatchNormalization with the `Follow` method (added by `tfprune.prune`).
+    Register more with `tfprune.handlers.register_handler`.
+
+    Training needs `tfprune.callbacks.Pruning` (it advances the schedules);
+    training without it raises a clear error.
+
+    Args:
+        layer: the layer to wrap (built or not).
+        method: a `tfprune.methods.Method`; the wrapper keeps its own copy.
+        **kwargs: passed to `keras.layers.Wrapper` (``name`` defaults to the
+            layer's name).
+
+    Example:
+        >>> import keras, tfprune
+        >>> from tfprune import methods
+        >>> layer = tfprune.PruneWrapper(keras.layers.Dense(10), methods.Magnitude(0.5))
+        >>> y = layer(keras.ops.ones((2, 4)))
+        >>> y.shape
+        TensorShape([2, 10])
+    """
+
+    def __init__(self, layer, method, **kwargs):
+        if not isinstance(layer, keras.layers.Layer):
+            raise TypeError(f"PruneWrapper: `layer` must be a keras Layer, got {layer!r}.")
+        if isinstance(layer, PruneWrapper):
+            raise ValueError(f"PruneWrapper: layer '{layer.name}' is already wrapped.")
+        kwargs.setdefault("name", layer.name)
+        super().__init__(layer, **kwargs)
+        method = methods_base.get(method)
+        self.method = method.clone()
+        self.handler = _handler_for(layer, self.method)
+        self.method.validate(self)
+        self._callback_attached = False
+        self._call_has_training = "training" in inspect.signature(layer.call).parameters
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        if self.handler is not None:
+            for spec in self.handler.kernels:
+                var = getattr(self.layer, spec.name, None)
+                if var is None:
+                    raise ValueError(f"PruneWrapper: layer '{self.layer.name}' has no "
+                                     f"variable `{spec.name}` after build.")
+                self.method.structure.validate(
+                    handlers.canonical_shape(var.shape, spec.layout),
+                    layer_name=self.layer.name, kernel_name=spec.name)
+        self.step = self.add_weight(name="pruning_step", shape=(), dtype="int64",
+                                    initializer="zeros", trainable=False,
+                                    aggregation="only_first_replica")
+        self.method.build(self)
+        self.built = True
+
+    def call(self, inputs, training=None, **kwargs):
+        if training:
+            if self.method.requires_callback and not self._callback_attached:
+                raise RuntimeError(
+                    f"PruneWrapper '{self.name}' is being trained without "
+                    "tfprune.callbacks.Pruning(): nothing would be pruned. Pass "
+                    "`callbacks=[tfprune.callbacks.Pruning()]` to fit(), or in a custom "
+                    "training loop call the callback's set_model(), on_train_begin() and "
+                    "on_train_batch_begin() yourself (see the docs).")
+            self.step.assign_add(1)
+        values = self.method.effective_variables(self, bool(training))
+        mapping = [(getattr(self.layer, name), value) for name, value in values.items()]
+        if self._call_has_training:
+            kwargs["training"] = training
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            outputs = self.layer.call(inputs, **kwargs)
+        # Apply the layer's own state updates (e.g. BatchNormalization statistics).
+        for var in self.layer.non_trainable_variables:
+            new = scope.get_current_value(var)
+            if new is not None:
+                var.assign(new)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def compute_output_spec(self, *args, **kwargs):
+        return self.layer.compute_output_spec(*args, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        config["method"] = keras.saving.serialize_keras_object(self.method)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(config.pop("layer"),
+                                                      custom_objects=custom_objects)
+        method = keras.saving.deserialize_keras_object(config.pop("method"),
+                                                       custom_objects=custom_objects)
+        return cls(layer, method, **config)
+
+    # -- helpers used by strip/report/callback --------------------------------
+    def masked_weights(self):
+        """The inner layer's weights with the final masks applied (numpy), by variable path."""
+        masks = self.method.final_masks(self)
+        out = []
+        for var in self.layer.weights:
+            value = ops.convert_to_numpy(var)
+            for name, mask in masks.items():
+                if getattr(self.layer, name, None) is var:
+                    value = value * mask
+            out.append(value)
+        return out
+
+
+def _handler_for(layer, method):
+    from tfprune.methods.follow import Follow
+
+    if isinstance(method, Follow):
+        return None
+    handler = handlers.get_handler(layer)
+    if handler is None:
+        raise ValueError(
+            f"PruneWrapper: layer '{layer.name}' of type {type(layer).__name__} is not supported; "
+            f"supported types: {', '.join(handlers.supported_layer_types())}.")
+    return handler
+
+
+def find_wrappers(model):
+    """All `PruneWrapper` layers of ``model`` (nested models included), in order."""
+    from tfprune._utils import iter_layers
+
+    if isinstance(model, PruneWrapper):
+        return [model]
+    return [layer for layer in iter_layers(model) if isinstance(layer, PruneWrapper)]
