@@ -88,12 +88,32 @@ class PruneWrapper(keras.layers.Wrapper):
                     "training loop call the callback's set_model(), on_train_begin() and "
                     "on_train_batch_begin() yourself (see the docs).")
             self.step.assign_add(1)
-        values = self.method.effective_variables(self, bool(training))
+        return self.method.call(self, inputs, bool(training), **kwargs)
+
+    def run_layer(self, inputs, values, training=None, use_activation=True, **kwargs):
+        """Runs the inner layer's own ``call`` with some variables replaced.
+
+        Args:
+            inputs: the layer inputs.
+            values: ``{variable attribute name: tensor}`` (e.g. ``{"kernel": k * m}``).
+            training: passed on to layers whose ``call`` takes it.
+            use_activation: False runs the layer without its activation (for
+                methods that sample pre-activations, e.g. the local
+                reparameterization trick); apply ``wrapper.layer.activation``
+                yourself afterwards.
+        """
         mapping = [(getattr(self.layer, name), value) for name, value in values.items()]
         if self._call_has_training:
             kwargs["training"] = training
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            outputs = self.layer.call(inputs, **kwargs)
+        activation = getattr(self.layer, "activation", None)
+        if not use_activation and activation is not None:
+            self.layer.activation = keras.activations.linear
+        try:
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                outputs = self.layer.call(inputs, **kwargs)
+        finally:
+            if not use_activation and activation is not None:
+                self.layer.activation = activation
         # Apply the layer's own state updates (e.g. BatchNormalization statistics).
         for var in self.layer.non_trainable_variables:
             new = scope.get_current_value(var)

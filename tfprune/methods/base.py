@@ -69,6 +69,17 @@ class Method:
     def effective_variables(self, wrapper, training):
         raise NotImplementedError
 
+    def call(self, wrapper, inputs, training, **kwargs):
+        """The wrapped layer's forward pass; default: run it with `effective_variables`.
+
+        Override for methods that need more than substituted weights (e.g. the
+        local reparameterization trick: `PruneWrapper.run_layer` with
+        ``use_activation=False``). Add regularization losses here with
+        ``wrapper.add_loss``.
+        """
+        values = self.effective_variables(wrapper, training)
+        return wrapper.run_layer(inputs, values, training=training, **kwargs)
+
     def update(self, wrapper, step):
         return False
 
