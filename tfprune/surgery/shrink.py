@@ -1,0 +1,388 @@
+"""`shrink`: physically remove dead units, filters and channels from a Keras model."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from tfprune.surgery import handlers as _handlers
+from tfprune.surgery.graph import DependencyGraph, functional_of, iter_nodes, unwrap
+
+__all__ = ["shrink", "ShrinkInfo", "ShrinkError"]
+
+
+class ShrinkError(RuntimeError):
+    """The shrunk model's outputs differ from the input model's."""
+
+
+@dataclass
+class LayerMasks:
+    """Which channels of a layer's inputs and outputs are kept.
+
+    Attributes:
+        inputs / outputs: one bool array per input / output tensor.
+        input_shapes: the layer's (old) input shapes.
+        fold: None, or `(positions, values)`: removed input channels that were
+            constant (nonzero) and whose contribution goes into the bias.
+    """
+
+    inputs: list
+    outputs: list
+    input_shapes: list
+    fold: tuple | None = None
+
+    @property
+    def changed(self):
+        return any(not m.all() for m in self.inputs + self.outputs if m is not None)
+
+
+@dataclass
+class ShrinkInfo:
+    """What `shrink` did.
+
+    Attributes:
+        removed: {layer name: (units before, units after)} for every
+            Dense/Conv layer that lost units.
+        kept: list of `(group name, channels, reason)`: channels whose
+            output carries no information but that could not be removed.
+        folded: {layer name: number of constant input channels folded into
+            its bias}.
+        stops: `(layer name, reason)` where the dependency graph stopped.
+        params_before / params_after: parameter counts.
+    """
+
+    removed: dict = field(default_factory=dict)
+    kept: list = field(default_factory=list)
+    folded: dict = field(default_factory=dict)
+    stops: list = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+
+    def __str__(self):
+        lines = [f"shrink: {self.params_before:,} -> {self.params_after:,} parameters"]
+        for name, (before, after) in self.removed.items():
+            lines.append(f"  {name}: {before} -> {after} units")
+        for name, n in self.folded.items():
+            lines.append(f"  {name}: {n} constant input channels folded into the bias")
+        for name, n, reason in self.kept:
+            lines.append(f"  kept {n} dead channels of {name}: {reason}")
+        for name, reason in self.stops:
+            lines.append(f"  graph stops at {name}: {reason}")
+        return "\n".join(lines)
+
+
+def _has_wrappers(model):
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.Wrapper) and unwrap(layer) is not layer:
+            return True
+    return False
+
+
+def _strip(model):
+    try:
+        from tfprune.api import strip
+    except ImportError as e:
+        raise ImportError(
+            f"shrink: model '{model.name}' contains wrapped layers (e.g. PruneWrapper) and "
+            "tfprune.api.strip is not available to remove them; strip the model first") from e
+    return strip(model)
+
+
+def _decide(g, info):
+    """Return the bool array `removable` indexed by slot root."""
+    n = len(g.root)
+    alive = np.zeros(n, bool)
+    reader = {}
+    nofold = {}
+    for layer, slots, const, fold_reason in g._reads:
+        roots = g.root[slots]
+        nan = np.isnan(const)
+        for r in roots[nan].tolist():
+            if not alive[r]:
+                alive[r] = True
+                reader[r] = layer.name
+        reason = fold_reason
+        if reason is None and g.calls.get(id(layer), 1) > 1:
+            reason = f"'{layer.name}' is shared by several calls"
+        if reason is not None:
+            for r in roots[~nan & (const != 0)].tolist():
+                nofold.setdefault(r, f"constant nonzero output, and {reason}")
+    for slots, const, reason in g._sinks:
+        for r in g.root[slots][np.isnan(const)].tolist():
+            if not alive[r]:
+                alive[r] = True
+                reader[r] = reason
+    removable = np.zeros(n, bool)
+    is_root = g.root == np.arange(n)
+    removable[is_root] = True
+    removable &= ~alive
+    why = {}
+    for r, reason in g.blocked.items():
+        removable[r] = False
+        why[r] = reason
+    for r, reason in nofold.items():
+        if removable[r]:
+            removable[r] = False
+            why[r] = reason
+    # never empty a tensor (a layer with zero units)
+    for t in g.tensors.values():
+        if t is not None and len(t.slots) and removable[g.root[t.slots]].all():
+            r = int(g.root[t.slots[0]])
+            removable[r] = False
+            why[r] = "last channel of a tensor"
+    # report dead channels that stay
+    for group in g.groups:
+        reasons = Counter()
+        for r in group._roots:
+            if removable[r]:
+                continue
+            if r in why and not alive[r]:
+                reasons[why[r]] += 1
+            elif alive[r] and _producers_constant(g, r):
+                reasons[f"the producers output a constant, but not '{reader[r]}' reads it "
+                        "(zero padding or a 'same' depthwise convolution of a nonzero "
+                        "constant)"] += 1
+        for reason, count in reasons.items():
+            info.kept.append((group.name, count, reason))
+    return removable
+
+
+def _producers_constant(g, root):
+    members = np.nonzero(g.root == root)[0]
+    found = False
+    for s in members.tolist():
+        origin = g._origin[s]
+        if origin is None:
+            continue
+        layer, i = origin
+        found = True
+        if np.isnan(g._unit_const[id(layer)][i]):
+            return False
+    return found
+
+
+class _Rebuilder:
+    def __init__(self, g, keep):
+        self.g = g
+        self.keep = keep  # id(old tensor) -> bool mask
+        self.new = {}  # id(old layer) -> new layer
+        self.pairs = []  # (old, new, masks, handler)
+        self.tmaps = {}  # id(old model) -> {id(old tensor): new tensor}
+
+    def new_shape(self, t):
+        mask = self.keep.get(id(t))
+        shape = tuple(t.shape)
+        return shape if mask is None else shape[:-1] + (int(mask.sum()),)
+
+    def masks(self, layer):
+        g = self.g
+        in_ids, out_ids = g._calls[id(layer)][0]
+        masks = LayerMasks(
+            inputs=[self.keep.get(i) for i in in_ids],
+            outputs=[self.keep.get(i) for i in out_ids],
+            input_shapes=[g.tensors[i].shape if g.tensors.get(i) else None for i in in_ids])
+        handler = _handlers.get_handler(layer)
+        if (isinstance(handler, _handlers._Producer) and len(in_ids) == 1
+                and masks.inputs[0] is not None):
+            x = g.tensors[in_ids[0]]
+            gone = ~masks.inputs[0] & ~np.isnan(x.const) & (x.const != 0)
+            if gone.any():
+                masks.fold = (np.nonzero(gone)[0], x.const[gone])
+        return masks
+
+    def clone(self, layer):
+        if id(layer) in self.new:
+            return self.new[id(layer)]
+        if isinstance(layer, keras.Model):
+            if isinstance(layer, keras.Sequential) or hasattr(layer, "_nodes_by_depth"):
+                new = self.rebuild(layer)
+            else:
+                new = layer.__class__.from_config(layer.get_config())
+                self.pairs.append((layer, new, None, None))
+            self.new[id(layer)] = new
+            return new
+        handler = _handlers.get_handler(layer)
+        masks = self.masks(layer) if id(layer) in self.g._calls else None
+        config = layer.get_config()
+        if masks is not None and (masks.changed or masks.fold is not None):
+            if handler is None:
+                raise ShrinkError(f"internal error: layer '{layer.name}' "
+                                  f"({type(layer).__name__}) has no handler but lost channels")
+            config = handler.shrink_config(layer, config, masks)
+        new = layer.__class__.from_config(config)
+        self.new[id(layer)] = new
+        self.pairs.append((layer, new, masks, handler))
+        return new
+
+    def rebuild(self, model):
+        f = functional_of(model)
+        tmap = {}
+        if isinstance(model, keras.Sequential):
+            t0 = f.inputs[0]
+            first = model._layers[0]
+            name = first.name if isinstance(first, keras.layers.InputLayer) else None
+            inp = keras.Input(batch_shape=self.new_shape(t0), dtype=t0.dtype, name=name)
+            new = keras.Sequential([inp] + [self.clone(lay) for lay in model.layers],
+                                   name=model.name, trainable=model.trainable)
+            for old_node, new_node in zip(iter_nodes(f), iter_nodes(new._functional),
+                                          strict=True):
+                for a, b in zip(old_node.output_tensors, new_node.output_tensors, strict=True):
+                    tmap[id(a)] = b
+        else:
+            for t in f.inputs:
+                tmap[id(t)] = keras.Input(batch_shape=self.new_shape(t), dtype=t.dtype,
+                                          name=t.name)
+            for node in iter_nodes(f):
+                if node.is_input:
+                    continue
+                args, kwargs = node.arguments.fill_in(tmap)
+                outs = self.clone(node.operation)(*args, **kwargs)
+                for a, b in zip(node.output_tensors, keras.tree.flatten(outs), strict=True):
+                    tmap[id(a)] = b
+            inputs = keras.tree.map_structure(lambda t: tmap[id(t)], f._inputs_struct)
+            outputs = keras.tree.map_structure(lambda t: tmap[id(t)], f._outputs_struct)
+            new = keras.Model(inputs=inputs, outputs=outputs, name=model.name)
+            new.trainable = model.trainable
+        self.tmaps[id(model)] = tmap
+        return new
+
+    def load_weights(self):
+        for old, new, masks, handler in self.pairs:
+            if not old.weights:
+                continue
+            if handler is None or masks is None:
+                new.set_weights(old.get_weights())
+                continue
+            values = handler.shrink_weights(old, masks)
+            for v in new.weights:
+                if v.name not in values:
+                    raise ShrinkError(f"internal error: no value for weight '{v.name}' of "
+                                      f"'{new.name}'")
+                value = np.asarray(values[v.name])
+                if tuple(value.shape) != tuple(v.shape):
+                    raise ShrinkError(f"internal error: weight '{v.name}' of '{new.name}' has "
+                                      f"shape {tuple(v.shape)}, computed {value.shape}")
+                v.assign(value.astype(v.dtype))
+
+
+def _random_inputs(model, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    xs = []
+    for t in model.inputs:
+        shape = (batch,) + tuple(8 if d is None else d for d in t.shape[1:])
+        if "int" in str(t.dtype):
+            xs.append(rng.integers(0, 2, size=shape).astype(t.dtype))
+        else:
+            xs.append(rng.standard_normal(shape).astype("float32"))
+    return xs
+
+
+def _close(a, b, rtol=1e-5):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return False
+    scale = max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-12)
+    return bool(np.allclose(b, a, rtol=rtol, atol=rtol * scale))
+
+
+def _call(model, xs):
+    inputs = xs[0] if len(xs) == 1 else xs
+    return [keras.ops.convert_to_numpy(y) for y in keras.tree.flatten(model(inputs,
+                                                                          training=False))]
+
+
+def _diagnose(model, new, rb, xs):
+    """Name the first layer whose (kept) outputs differ."""
+    f, nf = functional_of(model), functional_of(new)
+    tmap = rb.tmaps[id(model)]
+    olds, news, names = [], [], []
+    for node in iter_nodes(f):
+        if node.is_input:
+            continue
+        for t in node.output_tensors:
+            if id(t) in tmap:
+                olds.append(t)
+                news.append(tmap[id(t)])
+                names.append(node.operation.name)
+    a = _call(keras.Model(f.inputs, olds), xs)
+    b = _call(keras.Model(nf.inputs, news), xs)
+    for t, name, ya, yb in zip(olds, names, a, b, strict=True):
+        mask = rb.keep.get(id(t))
+        if mask is not None:
+            ya = ya[..., mask]
+        if not _close(ya, yb):
+            return name
+    return None
+
+
+def shrink(model, *, check=True, verbose=False, return_info=False):
+    """Build a smaller model without the units, filters and channels that carry nothing.
+
+    A channel is removed when, wherever a layer that mixes channels (Dense,
+    convolutions) reads it, it is a known constant: zero (a pruned filter:
+    zero kernel slice and bias, and zero scale and offset in a following
+    BatchNormalization), or a nonzero constant (a bias or BN offset left
+    alive) that is folded exactly into the reader's bias (Dense, 'valid'
+    or 1x1 convolutions). Coupled channels (through Add, Concatenate,
+    BatchNormalization, depthwise convolutions, Flatten...) go only together.
+    Channels reaching a model output or a layer the graph cannot follow
+    (Lambda, custom layers, Permute...) stay; `return_info=True` lists them.
+
+    Args:
+        model: a built Sequential or Functional model (nested models are
+            followed). Wrapped layers (`tfprune.PruneWrapper`) are stripped
+            first with `tfprune.strip`.
+        check: run both models on a random batch and raise if the outputs
+            differ by more than 1e-5 (relative).
+        verbose: print what was removed, folded and kept.
+        return_info: also return a `ShrinkInfo`.
+
+    Returns:
+        The new model (same layer names; an ordinary Keras model), or
+        `(model, ShrinkInfo)` with `return_info=True`.
+
+    Raises:
+        ShrinkError: (a `RuntimeError`) the self-check failed; the message
+            names the first layer whose outputs differ.
+        TypeError: subclassed model.
+
+    Example:
+        ```python
+        small, info = tfprune.shrink(tfprune.strip(pruned), return_info=True)
+        print(info)
+        ```
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"shrink: expected a keras.Model, received {type(model).__name__}")
+    if _has_wrappers(model):
+        model = _strip(model)
+    g = DependencyGraph(model)
+    info = ShrinkInfo(stops=list(g.stops), params_before=int(model.count_params()))
+    removable = _decide(g, info)
+    keep = {tid: ~removable[g.root[t.slots]] for tid, t in g.tensors.items() if t is not None}
+    rb = _Rebuilder(g, keep)
+    new = rb.rebuild(model)
+    rb.load_weights()
+    for old, _, masks, handler in rb.pairs:
+        if masks is None:
+            continue
+        if isinstance(handler, _handlers._Producer) and not masks.outputs[0].all():
+            info.removed[old.name] = (len(masks.outputs[0]), int(masks.outputs[0].sum()))
+        if masks.fold is not None:
+            info.folded[old.name] = len(masks.fold[0])
+    info.params_after = int(new.count_params())
+    if check:
+        xs = _random_inputs(model)
+        ref, out = _call(model, xs), _call(new, xs)
+        if not all(_close(a, b) for a, b in zip(ref, out, strict=True)):
+            name = _diagnose(model, new, rb, xs)
+            where = f"first at layer '{name}'" if name else "at the model outputs"
+            raise ShrinkError(f"shrink: the shrunk model's outputs differ from model "
+                              f"'{model.name}' {where}; please report this as a bug")
+    if verbose:
+        print(info)
+    return (new, info) if return_info else new
