@@ -64,12 +64,14 @@ class Magnitude(MaskedMethod):
             raise ValueError("Magnitude: give `sparsity` (in [0, 1)) or a `schedule`.")
         self.sparsity = sparsity
         self.schedule = schedule
+        if schedule is None:  # one shot, at the first step
+            target = sparsity if sparsity is not None else 0.0
+            schedule = schedules_lib.ConstantSparsity(target, begin_step=0, end_step=0,
+                                                      frequency=1)
+        self._effective_schedule = schedule
 
     def _schedule(self):
-        if self.schedule is not None:
-            return self.schedule
-        target = self.sparsity if self.sparsity is not None else 0.0
-        return schedules_lib.ConstantSparsity(target, begin_step=0, end_step=0, frequency=1)
+        return self._effective_schedule
 
     @property
     def target_sparsity(self):
