@@ -66,6 +66,9 @@ class Pruning(keras.callbacks.Callback):
             self.model.make_train_function(force=True)
         self._by_name = {w.name: w for w in self._wrappers}
         self._followers = [w for w in self._wrappers if isinstance(w.method, Follow)]
+        from tfprune.coupling import Coupling
+
+        self._coupling = Coupling(self.model, self._wrappers)
         if self.log_dir is not None and self._writer is None:
             import tensorflow as tf
 
@@ -73,11 +76,15 @@ class Pruning(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         changed = False
+        step = None
         for w in self._wrappers:
+            step = self._steps[id(w)] if step is None else step
             if w.method.update(w, self._steps[id(w)]):
                 changed = True
             self._steps[id(w)] += 1
         if changed:
+            if self._coupling.groups:
+                self._coupling.apply(step)
             self.sync_followers()
 
     def on_epoch_end(self, epoch, logs=None):

@@ -141,8 +141,12 @@ class MaskedMethod(Method):
         return list(wrapper.handler.kernels)
 
     def group_scores(self, wrapper, spec):
-        """Per-group score on the structure's grid; default: squared L2 norm."""
-        kernel = ops.convert_to_tensor(getattr(wrapper.layer, spec.name))
+        """Per-group score on the structure's grid: squared L2 norm of the masked kernel.
+
+        Scoring the masked kernel keeps pruned groups pruned (as tfmot, which
+        zeroes them in place) when the sparsity rises step by step.
+        """
+        kernel = ops.convert_to_tensor(getattr(wrapper.layer, spec.name)) * self._masks[spec.name]
         canon = to_canonical(kernel, spec.layout)
         return self.structure.reduce(ops.square(ops.cast(canon, "float32")))
 

@@ -1,0 +1,74 @@
+"""Coupled Filter pruning: channels joined by Add are removed together, so shrink works."""
+
+import keras
+import numpy as np
+import pytest
+
+import tfprune
+from tfprune import methods, schedules, structures
+from tfprune.wrapper import find_wrappers
+
+
+def _residual(projection=False):
+    inp = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(16, 3, padding="same", name="stem")(inp)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    y = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="b1")(x)
+    y = keras.layers.Conv2D(16, 3, padding="same", name="b2")(y)
+    if projection:
+        x = keras.layers.Conv2D(16, 1, name="proj")(x)
+    x = keras.layers.ReLU()(keras.layers.Add()([x, y]))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(4, name="head")(x))
+
+
+def _fit(model, method, steps=4):
+    keras.utils.set_random_seed(1)
+    pruned = tfprune.prune(model, method)
+    pruned.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.rand(8 * steps, 12, 12, 3).astype("float32")
+    y = np.random.randint(0, 4, 8 * steps)
+    pruned.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[tfprune.callbacks.Pruning()])
+    return pruned, x
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_add_coupled_producers_get_identical_unit_masks(projection):
+    model = _residual(projection)
+    pruned, _ = _fit(model, methods.Magnitude(0.5, structure=structures.Filter()))
+    masks = {w.name: w.method.unit_mask(w) for w in find_wrappers(pruned)
+             if not isinstance(w.method, methods.Follow)}
+    partner = "proj" if projection else "stem"
+    np.testing.assert_array_equal(masks[partner], masks["b2"])
+    assert masks["b2"].sum() == 8  # exact sparsity of the coupled group
+    assert masks["b1"].sum() == 8  # uncoupled layer: its own selection
+
+
+def test_coupled_group_is_scored_by_the_sum_of_member_norms():
+    model = _residual(projection=True)
+    rng = np.random.default_rng(0)
+    proj, b2 = model.get_layer("proj"), model.get_layer("b2")
+    k1 = rng.normal(size=proj.kernel.shape).astype("float32")
+    k2 = rng.normal(size=b2.kernel.shape).astype("float32")
+    # Channel c is strong in proj iff c < 8 and weak in b2: the sums decide.
+    k1[..., :8] *= 10.0
+    k2[..., 8:] *= 0.1
+    proj.kernel.assign(k1)
+    b2.kernel.assign(k2)
+    pruned, _ = _fit(model, methods.Magnitude(0.5, structure=structures.Filter()), steps=1)
+    w = {w.name: w for w in find_wrappers(pruned)}
+    mask = w["b2"].method.unit_mask(w["b2"])
+    np.testing.assert_array_equal(mask, [1] * 8 + [0] * 8)
+
+
+def test_coupled_filter_pruning_shrinks_exactly():
+    model = _residual(projection=False)
+    method = methods.Magnitude(structure=structures.Filter(),
+                               schedule=schedules.PolynomialDecay(0.0, 0.5, 0, 2, frequency=1))
+    pruned, x = _fit(model, method)
+    plain = tfprune.strip(pruned)
+    small = tfprune.shrink(plain)
+    report = tfprune.sparsity_report(small)
+    assert {r["layer"]: r["units"] for r in report.rows}["b2"] == 8
+    np.testing.assert_allclose(small.predict(x, verbose=0), plain.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-5)
