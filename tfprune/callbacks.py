@@ -60,6 +60,7 @@ class Pruning(keras.callbacks.Callback):
                 raise ValueError(f"Pruning: layer '{w.name}' is not built; build the model first.")
             w._callback_attached = True
             self._steps[id(w)] = int(keras.ops.convert_to_numpy(w.step))
+            w.method.on_train_begin(w, dict(self.params or {}))
         # A fresh (untraced) train function: the trace must see the attached wrappers,
         # also after an earlier fit() without this callback failed mid-trace.
         if getattr(self.model, "train_function", None) is not None:

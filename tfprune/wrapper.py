@@ -150,7 +150,7 @@ class PruneWrapper(keras.layers.Wrapper):
             value = ops.convert_to_numpy(var)
             for name, mask in masks.items():
                 if getattr(self.layer, name, None) is var:
-                    value = value * mask
+                    value = self.method.final_weight(self, name, value * mask)
             out.append(value)
         return out
 

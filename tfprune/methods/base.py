@@ -80,6 +80,16 @@ class Method:
         values = self.effective_variables(wrapper, training)
         return wrapper.run_layer(inputs, values, training=training, **kwargs)
 
+    def on_train_begin(self, wrapper, params):
+        """Called by `tfprune.callbacks.Pruning` when a fit starts (default: nothing).
+
+        Args:
+            wrapper: the `PruneWrapper`.
+            params: the fit's callback params (``{"epochs": int, "steps": int or
+                None, ...}``; empty in a custom loop), e.g. to resolve a schedule
+                length from the fit's total number of steps.
+        """
+
     def update(self, wrapper, step):
         return False
 
@@ -88,6 +98,14 @@ class Method:
 
     def final_masks(self, wrapper):
         raise NotImplementedError
+
+    def final_weight(self, wrapper, name, value):
+        """The value `tfprune.strip` stores for variable ``name`` after masking (numpy).
+
+        Default: ``value`` unchanged. Override to fold an inference-time
+        transform (e.g. fake quantization) into the stripped weights.
+        """
+        return value
 
     def unit_mask(self, wrapper):
         """Inference mask over the layer's output units (1 = kept), numpy, or None.
