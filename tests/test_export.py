@@ -139,7 +139,12 @@ def test_int8_forced_sparse_warns_smaller_and_still_matches():
     with pytest.warns(UserWarning, match="XNNPACK"):
         sparse = export_tflite(model, quantize="int8", representative_data=x, sparse=True)
     assert len(sparse) < len(plain)
-    np.testing.assert_allclose(run_tflite(sparse, x), run_tflite(plain, x), atol=1e-6)
+    ref = np.asarray(model(x))
+    step = (ref.max() - min(ref.min(), 0.0)) / 255
+    y_sparse, y_plain = run_tflite(sparse, x), run_tflite(plain, x)
+    assert np.abs(y_sparse - ref).max() <= 3 * step
+    # Builtin kernels (sparse) and XNNPACK (plain) may round one output step apart.
+    assert np.abs(y_sparse - y_plain).max() <= 1.01 * step
     kernel = _kernel(tflite_weights(sparse), (64, 128))
     assert isinstance(kernel, QuantizedArray) and kernel.dtype == np.int8
     assert not np.any((kernel != 0) & ~mask.T)
@@ -252,3 +257,9 @@ def test_non_model_and_bad_inputs_are_errors():
         run_tflite(123, x)
     with pytest.raises(ValueError, match="`runs`"):
         benchmark_tflite(blob, runs=0)
+
+
+def test_empty_representative_data_is_an_error():
+    model, _ = _model("Dense")
+    with pytest.raises(ValueError, match="no samples"):
+        export_tflite(model, quantize="int8", representative_data=np.zeros((0, 12), "float32"))

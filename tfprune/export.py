@@ -20,6 +20,15 @@ import warnings
 
 import numpy as np
 
+__all__ = [
+    "QuantizedArray",
+    "benchmark_tflite",
+    "export_tflite",
+    "run_tflite",
+    "tflite_size",
+    "tflite_weights",
+]
+
 QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
 """Allowed values of `export_tflite`'s ``quantize`` argument."""
 
@@ -70,6 +79,8 @@ def _representative_samples(data, n_inputs):
 
     def split(arrays):
         arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
+        if not len(arrays[0]):
+            raise ValueError("export_tflite: `representative_data` holds no samples.")
         for i in range(len(arrays[0])):
             yield [a[i : i + 1] for a in arrays]
 
