@@ -1,9 +1,10 @@
 """Pruning methods. Each is a small serializable object; see `tfprune.methods.base`."""
 
 from tfprune.methods.base import MaskedMethod, Method, get
+from tfprune.methods.dpp import DPP
 from tfprune.methods.follow import Follow
 from tfprune.methods.magnitude import Magnitude
 
-BY_NAME = {"magnitude": Magnitude}
+BY_NAME = {"dpp": DPP, "magnitude": Magnitude}
 
-__all__ = ["Method", "MaskedMethod", "Magnitude", "Follow", "get"]
+__all__ = ["DPP", "Method", "MaskedMethod", "Magnitude", "Follow", "get"]
