@@ -10,18 +10,12 @@ Example:
 
 __version__ = "0.1.0"
 
-from tfprune import callbacks, methods, schedules, structures  # noqa: E402
+from tfprune import callbacks, datasets, methods, schedules, structures  # noqa: E402
 from tfprune.api import prune, strip  # noqa: E402
+from tfprune.export import benchmark_tflite, export_tflite, run_tflite  # noqa: E402
 from tfprune.report import Report, sparsity_report  # noqa: E402
+from tfprune.surgery import shrink  # noqa: E402
 from tfprune.wrapper import PruneWrapper  # noqa: E402
-
-# Modules being written in parallel; imported when present.
-try:  # noqa: SIM105
-    from tfprune import datasets  # noqa: E402,F401
-    from tfprune.export import benchmark_tflite, export_tflite, run_tflite  # noqa: E402,F401
-    from tfprune.surgery import shrink  # noqa: E402,F401
-except ImportError:  # pragma: no cover - temporary during development
-    pass
 
 __all__ = [
     "PruneWrapper", "Report", "benchmark_tflite", "callbacks", "datasets", "export_tflite",
