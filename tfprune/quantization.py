@@ -39,7 +39,7 @@ SUPPORTED_BITS = (4, 8)
 
 def check_bits(bits, *, owner="fake_quantize", name="bits"):
     """Returns ``bits`` if it is a supported bit width, else raises a ValueError."""
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(
             f"{owner}: `{name}` must be one of {list(SUPPORTED_BITS)}, got {bits!r}.")
     return int(bits)
