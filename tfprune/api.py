@@ -122,7 +122,7 @@ def _bn_followers(model, targets):
         cons = consumers.get(name, [])
         if len(cons) == 1 and isinstance(cons[0], keras.layers.BatchNormalization):
             bn = cons[0]
-            if bn.axis in (-1, len(bn.input.shape) - 1) if hasattr(bn, "input") else True:
+            if bn.axis in (-1, len(bn.input.shape) - 1):  # per-channel on the units axis
                 followers[bn.name] = name
     return followers
 
@@ -236,8 +236,7 @@ def strip(model):
     """
     if isinstance(model, PruneWrapper):
         layer = model.layer.__class__.from_config(model.layer.get_config())
-        layer.build_from_config(model.layer.get_build_config()) if hasattr(
-            model.layer, "get_build_config") and model.layer.get_build_config() else None
+        layer.build_from_config(model.layer.get_build_config())
         layer.set_weights(model.masked_weights())
         return layer
     _check_model(model, "strip")
