@@ -198,6 +198,7 @@ class DependencyGraph:
         self._follows = []  # (layer, slots)
         self._sinks = []  # (slots, const, reason): channels read by an output or a stop
         self._calls = {}  # id(layer) -> list of (in_ids, out_ids)
+        self._first_inputs = {}  # id(layer) -> TensorInfos of its first call
         self._layers = {}  # id(layer) -> layer
         self.tensors = {}  # id(KerasTensor) -> TensorInfo
         self.stops = []
@@ -309,6 +310,13 @@ class DependencyGraph:
         self._calls.setdefault(id(layer), []).append(
             ([id(t) for t in node.input_tensors], [id(t) for t in node.output_tensors]))
         handler = _handlers.get_handler(layer)
+        first = self._first_inputs.setdefault(id(layer), ins)
+        if first is not ins and layer.weights:  # a shared layer: one set of weights
+            if any(a is None or b is None or len(a.slots) != len(b.slots)
+                   for a, b in zip(first, ins, strict=True)):
+                return self._stop(layer, ins, node, "shared layer with different inputs")
+            for a, b in zip(first, ins, strict=True):
+                self.union(a.slots, b.slots)
         if handler is None:
             return self._stop(layer, ins, node, f"no channel handler for {type(layer).__name__}")
         if any(x is None for x in ins):

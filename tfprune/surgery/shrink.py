@@ -61,6 +61,10 @@ class ShrinkInfo:
     params_before: int = 0
     params_after: int = 0
 
+    def kept_for(self, layer_name):
+        """The `kept` entries of the groups `layer_name` produces."""
+        return [k for k in self.kept if layer_name in k[0].split("+")]
+
     def __str__(self):
         lines = [f"shrink: {self.params_before:,} -> {self.params_after:,} parameters"]
         for name, (before, after) in self.removed.items():
@@ -212,7 +216,13 @@ class _Rebuilder:
                 raise ShrinkError(f"internal error: layer '{layer.name}' "
                                   f"({type(layer).__name__}) has no handler but lost channels")
             config = handler.shrink_config(layer, config, masks)
-        new = layer.__class__.from_config(config)
+        try:
+            new = layer.__class__.from_config(config)
+        except Exception as e:
+            if layer.weights or (masks is not None and masks.changed):
+                raise ShrinkError(f"shrink: cannot rebuild layer '{layer.name}' "
+                                  f"({type(layer).__name__}) from its config: {e}") from e
+            new = layer  # stateless and unchanged (e.g. a Lambda in safe mode): reuse it
         self.new[id(layer)] = new
         self.pairs.append((layer, new, masks, handler))
         return new
@@ -234,7 +244,7 @@ class _Rebuilder:
         else:
             for t in f.inputs:
                 tmap[id(t)] = keras.Input(batch_shape=self.new_shape(t), dtype=t.dtype,
-                                          name=t.name)
+                                          name=t._keras_history[0].name)
             for node in iter_nodes(f):
                 if node.is_input:
                     continue
@@ -308,8 +318,11 @@ def _diagnose(model, new, rb, xs):
                 olds.append(t)
                 news.append(tmap[id(t)])
                 names.append(node.operation.name)
-    a = _call(keras.Model(f.inputs, olds), xs)
-    b = _call(keras.Model(nf.inputs, news), xs)
+    def probe(inputs, outputs):
+        return keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs)
+
+    a = _call(probe(f.inputs, olds), xs)
+    b = _call(probe(nf.inputs, news), xs)
     for t, name, ya, yb in zip(olds, names, a, b, strict=True):
         mask = rb.keep.get(id(t))
         if mask is not None:
