@@ -352,6 +352,10 @@ class DependencyGraph:
         for s, reason in self._blocked.items():
             blocked.setdefault(int(self.root[s]), reason)
         self.blocked = blocked  # root -> reason
+        self._root_origins = {}
+        for s, origin in enumerate(self._origin):
+            if origin is not None:
+                self._root_origins.setdefault(int(self.root[s]), []).append(origin)
         self.groups = self._make_groups()
 
     def _positions_by_root(self, slots):
