@@ -165,15 +165,22 @@ def test_graph_sees_through_wrappers():
     assert isinstance(layer, L.Dense) and layer.name == "wrapped" and len(idx) == 8
 
 
-def test_graph_stops_at_unknown_layers_with_a_named_reason():
+def test_graph_stops_at_layers_it_cannot_follow_with_a_named_reason():
     inp = keras.Input((8, 8, 3))
     x = L.Conv2D(6, 3, name="c1")(inp)
     x = L.Permute((2, 1, 3), name="perm")(x)
     x = L.Conv2D(4, 3, name="c2")(x)
     model = keras.Model(inp, L.Flatten()(x))
     graph = DependencyGraph(model)
-    assert graph.stops == [("perm", "no channel handler for Permute")]
+    assert graph.stops == [("perm", "moves the channel axis")]
     assert "perm" in _group(graph, "c1").blocked_reason
+
+    inp = keras.Input((4, 6))
+    h = L.LayerNormalization(name="ln")(L.Dense(6, name="d")(inp))
+    h = L.Activation("softmax", name="sm")(L.Dense(5, name="e")(h))
+    graph = DependencyGraph(keras.Model(inp, L.Dense(2, name="head")(h)))
+    assert "changes the statistics" in _group(graph, "d").blocked_reason
+    assert "not element-wise" in _group(graph, "e").blocked_reason
 
 
 def test_register_handler_teaches_a_custom_layer():
@@ -240,7 +247,7 @@ def test_lambda_mixing_channels_gives_an_exact_partial_shrink():
     assert small.get_layer("c2").filters == 4
     ((group, count, reason),) = info.kept_for("c1")
     assert count == 4 and "'mix' (Lambda)" in reason
-    assert ("mix", "no channel handler for Lambda") in info.stops
+    assert ("mix", "a Lambda can do anything to channels") in info.stops
     assert_same_outputs(model, small, _x(model))
 
 
@@ -358,3 +365,39 @@ def test_shrink_strips_prune_wrappers_first():
     small = shrink(pruned)
     assert not any(isinstance(layer, keras.layers.Wrapper) for layer in small.layers)
     assert small.get_layer("fc1").units <= 30
+
+
+def test_hand_killed_residual_channels_are_removed_together():
+    model = zoo.randomize(zoo.resnet())
+    for conv in ("stem", "b1b"):  # channel 1 and 5 of the first residual stream, everywhere
+        zoo.kill_units(model.get_layer(conv), [1, 5])
+        zoo.kill_followers(model.get_layer(conv + "_bn"), [1, 5])
+    small, info = shrink(model, return_info=True)
+    assert info.removed == {"stem": (8, 6), "b1b": (8, 6)}
+    assert small.get_layer("b1a").kernel.shape == (3, 3, 6, 8)
+    assert small.get_layer("b2proj").kernel.shape == (1, 1, 6, 16)
+    assert small.get_layer("b1b_bn").gamma.shape == (6,)
+    assert_same_outputs(model, small, _x(model))
+
+
+def test_concatenate_on_another_axis_couples_channels():
+    inp = keras.Input((6, 6, 3))
+    a = L.Conv2D(5, 1, name="a")(inp)
+    b = L.Conv2D(5, 3, padding="same", name="b")(inp)
+    x = L.Concatenate(axis=1, name="rows")([a, b])
+    model = zoo.randomize(keras.Model(inp, L.Dense(2, name="head")(L.Flatten()(x))))
+    assert [g.name for g in DependencyGraph(model).groups] == ["a+b", "head"]
+    zoo.kill_units(model.get_layer("a"), [2])
+    small = shrink(model)
+    assert small.get_layer("a").filters == 5  # b's channel 2 is alive
+    zoo.kill_units(model.get_layer("b"), [2])
+    small = shrink(model)
+    assert small.get_layer("a").filters == 4 and small.get_layer("b").filters == 4
+    assert_same_outputs(model, small, _x(model))
+
+
+def test_shrink_info_reads_well(capsys):
+    model, _ = _killed_zoo("two_outputs")
+    shrink(model, verbose=True)
+    out = capsys.readouterr().out
+    assert "h1: 32 -> 16 units" in out and "parameters" in out

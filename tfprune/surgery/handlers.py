@@ -453,6 +453,16 @@ class BatchNormHandler(Handler):
         return {v.name: keras.ops.convert_to_numpy(v)[mask] for v in layer.weights}
 
 
+class Mixing(Handler):
+    """A known layer whose output channels depend on several input channels: a stop."""
+
+    def __init__(self, reason):
+        self.reason = reason
+
+    def propagate(self, g, layer, inputs, node):
+        raise Stop(self.reason)
+
+
 # ---------------------------------------------------------------- registry
 
 L = keras.layers
@@ -475,6 +485,13 @@ _REGISTRY = [
     ((L.SeparableConv1D, L.SeparableConv2D), SeparableConvHandler()),
     ((L.DepthwiseConv1D, L.DepthwiseConv2D), DepthwiseHandler()),
     ((L.BatchNormalization,), BatchNormHandler()),
+    ((L.LayerNormalization, L.GroupNormalization, L.UnitNormalization),
+     Mixing("normalizes across channels: removing even a zero channel changes the statistics")),
+    ((L.Softmax,), Mixing("softmax mixes channels")),
+    ((L.PReLU,), Mixing("per-position slopes are not followed")),
+    ((L.Permute,), Mixing("moves the channel axis")),
+    ((L.Masking,), Mixing("masks time steps from all channels")),
+    ((L.Lambda,), Mixing("a Lambda can do anything to channels")),
 ]
 for _name in ("AdaptiveAveragePooling1D", "AdaptiveAveragePooling2D", "AdaptiveAveragePooling3D",
               "AdaptiveMaxPooling1D", "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D"):
