@@ -25,7 +25,8 @@ class Magnitude(MaskedMethod):
     Args:
         sparsity: fraction of groups to remove, in [0, 1). May be None when
             ``schedule`` is given (the schedule's sparsity is used) or with a
-            `KOutOfN` structure (``1 - k/n`` is implied).
+            `KOutOfN` structure (``1 - k/n`` is implied; a schedule then only
+            chooses the pruning steps and must not ask for another sparsity).
         structure: a `tfprune.structures.Structure` or its name
             (default `Unstructured()`).
         schedule: a `tfprune.schedules` schedule; None prunes to ``sparsity``
@@ -55,6 +56,15 @@ class Magnitude(MaskedMethod):
                 raise ValueError(
                     f"Magnitude: `sparsity`={sparsity} contradicts structure {self.structure!r}, "
                     f"which keeps exactly k/n; pass sparsity=None or {implied:g}.")
+            if schedule is not None:
+                asked = {schedule.final_sparsity,
+                         getattr(schedule, "initial_sparsity", schedule.final_sparsity)}
+                if any(abs(s - implied) > 1e-9 for s in asked):
+                    raise ValueError(
+                        f"Magnitude: `schedule`={schedule!r} asks for sparsities {sorted(asked)}, "
+                        f"but structure {self.structure!r} keeps exactly k of n (sparsity "
+                        f"{implied:g}) at every pruning step; to choose only when to prune, pass "
+                        f"schedules.ConstantSparsity({implied:g}, begin_step, frequency=...).")
         elif schedule is not None:
             if sparsity is not None and abs(sparsity - schedule.final_sparsity) > 1e-9:
                 raise ValueError(
