@@ -263,12 +263,21 @@ def test_all_dead_units_of_a_layer_keep_one():
 # ------------------------------------------------------------------ constant channels
 
 
-def _bn_offset_model(padding, use_bias=True):
+def _bn_offset_model(padding, use_bias=True, reader="conv"):
     inp = keras.Input((9, 9, 2))
     x = L.Conv2D(4, 3, padding="same", use_bias=False, name="a")(inp)
     x = L.BatchNormalization(name="a_bn")(x)
     x = L.ReLU()(x)
-    x = L.Conv2D(3, 3, padding=padding, use_bias=use_bias, name="b")(x)
+    if reader == "conv":
+        x = L.Conv2D(3, 3, padding=padding, use_bias=use_bias, name="b")(x)
+    elif reader == "separable":
+        x = L.SeparableConv2D(3, 3, padding=padding, depth_multiplier=2, use_bias=use_bias,
+                              name="b")(x)
+    elif reader == "conv1d":
+        x = L.Reshape((81, 4))(x)
+        x = L.Conv1D(3, 3, padding=padding, use_bias=use_bias, name="b")(x)
+    else:  # Flatten -> Dense
+        x = L.Dense(3, use_bias=use_bias, name="b")(L.Flatten()(x))
     x = L.Flatten()(x)
     model = zoo.randomize(keras.Model(inp, L.Dense(2, name="head")(x)))
     zoo.kill_units(model.get_layer("a"), [1])
@@ -276,9 +285,11 @@ def _bn_offset_model(padding, use_bias=True):
     return model
 
 
-@pytest.mark.parametrize("use_bias", [True, False])
-def test_live_bn_offset_is_folded_into_a_valid_conv(use_bias):
-    model = _bn_offset_model("valid", use_bias)
+@pytest.mark.parametrize("reader,use_bias", [("conv", True), ("conv", False),
+                                             ("separable", True), ("conv1d", True),
+                                             ("dense", False)])
+def test_live_bn_offset_is_folded_into_its_reader(reader, use_bias):
+    model = _bn_offset_model("valid", use_bias, reader)
     small, info = shrink(model, return_info=True)
     assert small.get_layer("a").filters == 3
     assert info.folded == {"b": 1}
@@ -286,8 +297,9 @@ def test_live_bn_offset_is_folded_into_a_valid_conv(use_bias):
     assert_same_outputs(model, small, _x(model))
 
 
-def test_live_bn_offset_before_same_padding_is_kept_and_reported():
-    model = _bn_offset_model("same")
+@pytest.mark.parametrize("reader", ["conv", "separable", "conv1d"])
+def test_live_bn_offset_before_same_padding_is_kept_and_reported(reader):
+    model = _bn_offset_model("same", reader=reader)
     small, info = shrink(model, return_info=True)
     assert small.get_layer("a").filters == 4
     ((_, count, reason),) = info.kept_for("a")

@@ -33,6 +33,7 @@ class LayerMasks:
     outputs: list
     input_shapes: list
     fold: tuple | None = None
+    fold_channels: int = 0
 
     @property
     def changed(self):
@@ -190,6 +191,7 @@ class _Rebuilder:
             gone = ~masks.inputs[0] & ~np.isnan(x.const) & (x.const != 0)
             if gone.any():
                 masks.fold = (np.nonzero(gone)[0], x.const[gone])
+                masks.fold_channels = len(np.unique(g.root[x.slots[gone]]))
         return masks
 
     def clone(self, layer):
@@ -403,7 +405,7 @@ def shrink(model, *, check=True, verbose=False, return_info=False):
         if isinstance(handler, _handlers._Producer) and not masks.outputs[0].all():
             info.removed[old.name] = (len(masks.outputs[0]), int(masks.outputs[0].sum()))
         if masks.fold is not None:
-            info.folded[old.name] = len(masks.fold[0])
+            info.folded[old.name] = masks.fold_channels
     info.params_after = int(new.count_params())
     if check:
         _check(model, new, g, keep)
