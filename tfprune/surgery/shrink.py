@@ -374,7 +374,7 @@ def shrink(model, *, check=True, verbose=False, return_info=False):
         return_info: also return a `ShrinkInfo`.
 
     Returns:
-        The new model (same layer names; an ordinary Keras model), or
+        The new model (same layer names; an ordinary, uncompiled Keras model), or
         `(model, ShrinkInfo)` with `return_info=True`.
 
     Raises:
