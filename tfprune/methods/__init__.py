@@ -4,7 +4,8 @@ from tfprune.methods.base import MaskedMethod, Method, get
 from tfprune.methods.dpp import DPP
 from tfprune.methods.follow import Follow
 from tfprune.methods.magnitude import Magnitude
+from tfprune.methods.turbo_vbi import TurboVBI
 
-BY_NAME = {"dpp": DPP, "magnitude": Magnitude}
+BY_NAME = {"dpp": DPP, "magnitude": Magnitude, "turbo_vbi": TurboVBI}
 
-__all__ = ["DPP", "Method", "MaskedMethod", "Magnitude", "Follow", "get"]
+__all__ = ["DPP", "Method", "MaskedMethod", "Magnitude", "Follow", "TurboVBI", "get"]
