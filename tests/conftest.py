@@ -3,8 +3,8 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# TF 2.21's oneDNN kernels corrupt the heap when training a 1x1 stride-2 convolution
-# (a ResNet projection shortcut); the plain Eigen kernels are correct.
+# Precaution: one test run crashed (heap corruption) while training a shrunk ResNet with a
+# 1x1 stride-2 shortcut under TF 2.21's oneDNN kernels; not reproduced in isolation since.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import keras  # noqa: E402
