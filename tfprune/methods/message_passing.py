@@ -114,10 +114,11 @@ def grid_marginals(evidence, start, p01, p11, extrinsic=False, *, damping=0.5,
     ``new = damping * old + (1 - damping) * new``. It stops when the largest
     change of any message log-odds is below ``tol`` or after ``max_iter``
     iterations. On a one-column grid (a tree) it converges to the exact chain
-    marginals. Loopy BP is approximate: on a 3 x 3 grid it is within 0.05 of
-    brute-force enumeration for moderate coupling (``|p11 - p01| <= 0.5``, see
-    the tests); with strong coupling (e.g. ``p01=0.1, p11=0.9``) it can be far
-    off, as loopy BP is on any frustrated loopy graph.
+    marginals. Loopy BP is approximate: on a 3 x 3 grid against brute-force
+    enumeration (see the tests) the error of ``P(s = 1)`` is below 0.005 for
+    the reference code's prior (0.5, 0.288, 0.49) and below 0.02 for
+    TurboVBI's default (0.1, 0.05, 0.6), but reaches 0.1 (marginal) / 0.23
+    (extrinsic) for a dense, strongly coupled prior (0.3, 0.2, 0.7).
 
     Args:
         evidence: ``[R, C]`` probabilities (unary factors ``[1 - e, e]``).
