@@ -64,7 +64,8 @@ def chain_marginals(evidence, start, p01, p11, extrinsic=False):
         evidence: ``[R]`` or ``[R, C]`` probabilities, the unary factor
             ``[1 - e, e]`` of each variable; each column is one chain.
         start: ``P(s[0] = 1)``.
-        p01, p11: transition probabilities (see the module docstring).
+        p01: ``P(next active | previous inactive)`` (see the module docstring).
+        p11: ``P(next active | previous active)``.
         extrinsic: return the marginal without the variable's own unary factor.
 
     Returns:
@@ -123,7 +124,9 @@ def grid_marginals(evidence, start, p01, p11, extrinsic=False, *, damping=0.5,
     Args:
         evidence: ``[R, C]`` probabilities (unary factors ``[1 - e, e]``).
         start: ``P(s = 1)`` start factor on row 0.
-        p01, p11: transition probabilities of both vertical and horizontal edges.
+        p01: ``P(next active | previous inactive)``, on both vertical and
+            horizontal edges.
+        p11: ``P(next active | previous active)``, on both kinds of edges.
         extrinsic: return the marginal without the variable's own unary factor.
         damping: in [0, 1); 0 = undamped.
         tol: convergence tolerance on the message log-odds.

@@ -224,11 +224,18 @@ class TurboVBI(Method):
             sets (10k MNIST images for 266k weights) it prunes everything, so the
             default 0.01 tempers the posterior.
         warmup_steps: KL warm-up length in training steps (0: none).
-        a, b, a_bar, b_bar: Gamma shapes and rates (active / inactive), > 0.
-            With ``normalize`` the rates are in units of the layer's mean
-            squared weight at the first turbo iteration (stored in the
+        a: Gamma shape of the precision of active weights, > 0.
+        b: Gamma rate of the precision of active weights, > 0. With
+            ``normalize`` the rates are in units of the layer's mean squared
+            weight at the first turbo iteration (stored in the
             ``weight_scale`` variable), so one setting fits every layer.
-        start, p01, p11: support prior probabilities, in (0, 1). The chain's
+        a_bar: Gamma shape of the precision of inactive weights, > 0.
+        b_bar: Gamma rate of the precision of inactive weights, > 0 (small:
+            large precision, the weight is pushed to zero).
+        start: probability that the first row of the support grid is
+            active, in (0, 1).
+        p01: ``P(active | previous inactive)``, in (0, 1).
+        p11: ``P(active | previous active)``, in (0, 1). The chain's
             stationary active fraction ``p01 / (1 - p11 + p01)`` (0.11 by
             default) sets the sparsity the prior favours; ``p11 - p01`` how
             strongly active weights cluster.
@@ -246,7 +253,9 @@ class TurboVBI(Method):
             deterministic without KL (None: never).
         inner_iterations: A/B rounds per turbo iteration.
         sigma_init: initial posterior standard deviation.
-        bp_damping, bp_tol, bp_max_iter: loopy BP schedule (``"mrf"``).
+        bp_damping: damping of the loopy BP messages (``"mrf"``), in [0, 1).
+        bp_tol: loopy BP convergence tolerance on the message log-odds.
+        bp_max_iter: loopy BP iteration limit.
         structure: only `structures.Unstructured` (the prior gives the structure).
 
     Example:
