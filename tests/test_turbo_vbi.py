@@ -1,0 +1,273 @@
+"""TurboVBI: closed-form updates, KL, state round trip, training, strip, errors."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from scipy import special
+
+import tfprune
+from tfprune import methods
+from tfprune.methods import turbo_vbi as tv
+from tfprune.wrapper import find_wrappers
+
+HYPER = dict(a=1.0, b=1.0, a_bar=1.0, b_bar=0.01)
+
+
+def _mlp():
+    return keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, activation="relu"),
+                             keras.layers.Dense(3)])
+
+
+def _cnn():
+    return keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(6, 3, activation="relu"),
+                             keras.layers.Flatten(), keras.layers.Dense(3)])
+
+
+def _data(shape, n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n,) + shape).astype("float32"), rng.integers(0, 3, n)
+
+
+def _fit(model, method, x, y, epochs=2):
+    keras.utils.set_random_seed(0)
+    pruned = tfprune.prune(model, method)
+    pruned.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    pruned.fit(x, y, epochs=epochs, batch_size=16, verbose=0,
+               callbacks=[tfprune.callbacks.Pruning()])
+    return pruned
+
+
+# -- closed forms ---------------------------------------------------------------
+def test_mean_field_gamma_update_matches_closed_form():
+    m2 = np.array([0.0, 0.01, 0.5, 2.0])
+    pi = np.array([0.1, 0.5, 0.9, 0.99])
+    shape, rate = tv.rho_posterior(m2, pi, **HYPER, factorization="mean_field")
+    np.testing.assert_allclose(shape[1], pi * 1 + (1 - pi) * 1 + 0.5)
+    np.testing.assert_allclose(rate[1], pi * 1 + (1 - pi) * 0.01 + m2 / 2)
+    np.testing.assert_array_equal(shape[0], shape[1])
+
+
+def test_joint_gamma_update_matches_closed_form():
+    m2 = np.array([0.0, 0.3])
+    shape, rate = tv.rho_posterior(m2, None, a=2.0, b=3.0, a_bar=0.5, b_bar=0.1)
+    np.testing.assert_allclose(shape, [[1.0, 1.0], [2.5, 2.5]])
+    np.testing.assert_allclose(rate, [[0.1, 0.25], [3.0, 3.15]])
+
+
+def test_mean_field_support_evidence_matches_closed_form():
+    m2 = np.array([0.001, 0.05, 1.0])
+    pi = np.array([0.2, 0.5, 0.8])
+    a, b, a_bar, b_bar = 1.5, 2.0, 0.7, 0.01
+    shape, rate = tv.rho_posterior(m2, pi, a, b, a_bar, b_bar, "mean_field")
+    got = tv.support_log_evidence(m2, shape, rate, a, b, a_bar, b_bar, "mean_field")
+    e_log = special.digamma(shape[1]) - np.log(rate[1])
+    e_rho = shape[1] / rate[1]
+
+    def e_log_gamma(k, r):
+        return k * np.log(r) - special.gammaln(k) + (k - 1) * e_log - r * e_rho
+
+    np.testing.assert_allclose(got, e_log_gamma(a, b) - e_log_gamma(a_bar, b_bar), rtol=1e-10)
+
+
+def test_joint_support_evidence_matches_closed_form():
+    m2 = np.array([0.0, 0.01, 0.3, 4.0])
+    a, b, a_bar, b_bar = 1.0, 1.0, 2.0, 0.01
+    shape, rate = tv.rho_posterior(m2, None, a, b, a_bar, b_bar)
+    got = tv.support_log_evidence(m2, shape, rate, a, b, a_bar, b_bar)
+
+    def log_z(k, r):  # int exp(E[log N(w|0,1/rho)]) Gamma(rho|k,r) drho
+        return (k * np.log(r) - special.gammaln(k) + special.gammaln(k + 0.5)
+                - (k + 0.5) * np.log(r + m2 / 2) - 0.5 * np.log(2 * np.pi))
+
+    np.testing.assert_allclose(got, log_z(a, b) - log_z(a_bar, b_bar), rtol=1e-10)
+
+
+@pytest.mark.parametrize("factorization", ["joint", "mean_field"])
+def test_iid_posterior_update_is_prior_times_evidence(factorization):
+    method = methods.TurboVBI(support_prior="iid", start=0.3, factorization=factorization)
+    m2 = np.random.default_rng(0).uniform(0, 0.5, (6, 4))
+    support = np.full_like(m2, 0.5)
+    new = method.posterior_update(m2, support)
+    shape, rate = tv.rho_posterior(m2, support, **HYPER, factorization=factorization)
+    ev = tv.support_log_evidence(m2, shape, rate, **HYPER, factorization=factorization)
+    want = special.expit(special.logit(0.3) + ev)
+    np.testing.assert_allclose(new["support"], want, rtol=1e-9)
+    shape, rate = tv.rho_posterior(m2, want, **HYPER, factorization=factorization)
+    np.testing.assert_allclose(new["precision"],
+                               want * shape[1] / rate[1] + (1 - want) * shape[0] / rate[0])
+
+
+def test_chain_posterior_is_the_exact_marginal_given_the_evidence():
+    method = methods.TurboVBI(support_prior="chain", start=0.2, p01=0.1, p11=0.7)
+    m2 = np.random.default_rng(1).uniform(0, 0.2, (5, 2))
+    new = method.posterior_update(m2, np.full_like(m2, 0.5))
+    shape, rate = tv.rho_posterior(m2, None, **HYPER)
+    evidence = special.expit(tv.support_log_evidence(m2, shape, rate, **HYPER))
+    from tfprune.methods.message_passing import brute_force_marginals
+
+    want = brute_force_marginals(evidence, 0.2, 0.1, 0.7, grid=False)
+    np.testing.assert_allclose(new["support"], want, atol=1e-9)
+
+
+# -- KL ---------------------------------------------------------------------------
+def test_kl_matches_numpy():
+    model = _mlp()
+    pruned = tfprune.prune(model, methods.TurboVBI(num_train_examples=10))
+    w = find_wrappers(pruned)[0]
+    rng = np.random.default_rng(0)
+    w.method._sigma_raw.assign(rng.normal(-3, 0.5, w.method._sigma_raw.shape).astype("float32"))
+    w.method._precision.assign(rng.uniform(0.5, 50, w.method._precision.shape).astype("float32"))
+    mask = (rng.uniform(size=w.method._mask.shape) > 0.3).astype("float32")
+    w.method._mask.assign(mask)
+    mu = keras.ops.convert_to_numpy(w.layer.kernel).astype(np.float64)
+    sigma = np.log1p(np.exp(keras.ops.convert_to_numpy(w.method._sigma_raw).astype(np.float64)))
+    prec = keras.ops.convert_to_numpy(w.method._precision).astype(np.float64)
+    kl = 0.5 * (prec * (mu ** 2 + sigma ** 2) - 1 - np.log(prec * sigma ** 2))
+    want = float((kl * mask).sum())
+    got = float(keras.ops.convert_to_numpy(w.method.kl_divergence(w)))
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_training_loss_includes_scaled_kl():
+    x, y = _data((12,))
+    pruned = tfprune.prune(_mlp(), methods.TurboVBI(num_train_examples=100, kl_weight=2.0))
+    for w in find_wrappers(pruned):
+        w._callback_attached = True  # what tfprune.callbacks.Pruning.on_train_begin does
+    pruned(x[:4], training=True)
+    losses = [float(keras.ops.convert_to_numpy(v)) for v in pruned.losses]
+    kls = [2.0 / 100 * float(keras.ops.convert_to_numpy(w.method.kl_divergence(w)))
+           for w in find_wrappers(pruned)]
+    np.testing.assert_allclose(sorted(losses), sorted(kls), rtol=1e-4)
+
+
+# -- training, strip, state -----------------------------------------------------------
+@pytest.mark.parametrize("build", [_mlp, _cnn])
+def test_fit_then_strip_zeroes_weights_below_threshold(build):
+    shape = (12,) if build is _mlp else (8, 8, 2)
+    x, y = _data(shape)
+    method = methods.TurboVBI(num_train_examples=64, kl_weight=1.0, update_every=2,
+                              support_prior="chain", start=0.02, p01=0.02)
+    pruned = _fit(build(), method, x, y)
+    plain = tfprune.strip(pruned)
+    for w in find_wrappers(pruned):
+        support = keras.ops.convert_to_numpy(w.method._support)
+        kernel = keras.ops.convert_to_numpy(plain.get_layer(w.name).kernel)
+        assert np.all(kernel[support < 0.5] == 0)
+        assert int(keras.ops.convert_to_numpy(w.method._turbo_count)) >= 3
+        dead = w.method.unit_mask(w) == 0
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(
+            plain.get_layer(w.name).bias)[dead], 0)
+    np.testing.assert_allclose(plain.predict(x, verbose=0), pruned.predict(x, verbose=0),
+                               atol=1e-5)
+    report = tfprune.sparsity_report(plain)
+    assert report.total["sparsity"] > 0.02
+
+
+def test_mask_is_frozen_after_freeze_step_and_logs_are_reported():
+    x, y = _data((12,))
+    method = methods.TurboVBI(num_train_examples=64, kl_weight=1.0, update_every=1,
+                              freeze_step=3)
+    pruned = _fit(_mlp(), method, x, y, epochs=1)
+    for w in find_wrappers(pruned):
+        assert int(keras.ops.convert_to_numpy(w.method._turbo_count)) == 2  # steps 1, 2
+        logs = w.method.logs(w)
+        assert set(logs) >= {"expected_sparsity", "kl", "mean_support_prob"}
+        assert 0 <= logs["mean_support_prob"] <= 1
+
+
+def test_keras_round_trip_restores_posterior_state(tmp_path):
+    x, y = _data((8, 8, 2))
+    pruned = _fit(_cnn(), methods.TurboVBI(num_train_examples=64, update_every=2), x, y)
+    path = tmp_path / "tvbi.keras"
+    pruned.save(path)
+    loaded = keras.models.load_model(path)
+    for a, b in zip(find_wrappers(pruned), find_wrappers(loaded)):
+        assert isinstance(b.method, methods.TurboVBI)
+        assert b.method.get_config() == a.method.get_config()
+        for va, vb in zip(a.weights, b.weights):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(va),
+                                          keras.ops.convert_to_numpy(vb))
+        for name in ("_support", "_prior", "_rho_shape", "_rho_rate", "_precision", "_mask",
+                     "_sigma_raw", "_scale"):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(getattr(a.method, name)),
+                                          keras.ops.convert_to_numpy(getattr(b.method, name)))
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), pruned.predict(x, verbose=0),
+                               atol=1e-6)
+
+
+def test_config_round_trip_and_lookup_by_name():
+    m = methods.TurboVBI(num_train_examples=5, p01=0.1, update_every=7, support_prior="chain")
+    again = methods.TurboVBI.from_config(m.get_config())
+    assert again.get_config() == m.get_config()
+    assert isinstance(methods.get("turbo-vbi"), methods.TurboVBI)
+
+
+def test_training_without_num_train_examples_raises():
+    x, y = _data((12,))
+    with pytest.raises(ValueError, match="num_train_examples"):
+        _fit(_mlp(), methods.TurboVBI(), x, y, epochs=1)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(a=0), "`a`.*0"), (dict(b=-1.0), "`b`.*-1"), (dict(a_bar=0.0), "`a_bar`"),
+    (dict(b_bar=-0.01), "`b_bar`.*-0.01"), (dict(start=0.0), "`start`.*0.0"),
+    (dict(p01=1.0), "`p01`.*1.0"), (dict(p11=1.5), "`p11`.*1.5"), (dict(threshold=1), "threshold"),
+    (dict(update_every=0), "update_every"), (dict(update_every="batch"), "update_every"),
+    (dict(support_prior="tree"), "support_prior"), (dict(factorization="x"), "factorization"),
+    (dict(structure="filter"), "Unstructured"), (dict(kl_weight=-1), "kl_weight"),
+])
+def test_invalid_hyperparameters_raise_clear_errors(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        methods.TurboVBI(**kwargs)
+
+
+def test_layer_with_two_kernels_is_rejected():
+    layer = keras.layers.SeparableConv2D(4, 3)
+    with pytest.raises(ValueError, match="2 kernels"):
+        tfprune.PruneWrapper(layer, methods.TurboVBI())
+
+
+def test_kernel_grid_layout_is_fan_in_by_units():
+    kernel = np.arange(3 * 3 * 2 * 4, dtype="float32").reshape(3, 3, 2, 4)
+    grid = np.asarray(tv.kernel_grid(kernel))
+    assert grid.shape == (18, 4)
+    np.testing.assert_array_equal(grid[:, 1], kernel[..., 1].reshape(-1))
+
+
+_MIRRORED = textwrap.dedent("""
+    import os
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras, numpy as np, tfprune
+    from tfprune import methods
+    keras.utils.set_random_seed(0)
+    x = np.random.rand(64, 12).astype("float32"); y = np.random.randint(0, 3, 64)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(3)])
+        pruned = tfprune.prune(model, methods.TurboVBI(num_train_examples=64, update_every=2))
+        pruned.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    hist = pruned.fit(x, y, epochs=1, batch_size=16, verbose=0,
+                      callbacks=[tfprune.callbacks.Pruning()])
+    w = tfprune.wrapper.find_wrappers(pruned)[0]
+    assert int(w.method._turbo_count.numpy()) >= 1
+    assert np.isfinite(hist.history["loss"][-1])
+    print("OK", strategy.num_replicas_in_sync)
+""")
+
+
+def test_mirrored_strategy_trains_one_epoch():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-c", _MIRRORED], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK 2" in out.stdout
