@@ -137,7 +137,22 @@ class Pruning(keras.callbacks.Callback):
 
 
 def mask_image(wrapper):
-    """The unit kernel's mask as a ``[fan_in, units]`` float image in [0, 1], or None."""
+    """The unit kernel's mask as a ``[fan_in, units]`` float image in [0, 1], or None.
+
+    This is the image `Pruning` writes to TensorBoard as ``mask/<layer>``.
+
+    Args:
+        wrapper: a `tfprune.PruneWrapper`.
+
+    Returns:
+        A float numpy array ``[fan_in, units]`` (1 = kept), or None for layers
+        without a unit kernel (e.g. a BatchNormalization follower).
+
+    Example:
+        >>> import matplotlib.pyplot as plt
+        >>> image = mask_image(pruned.get_layer("fc1"))
+        >>> plt.imshow(image, cmap="gray", aspect="auto")
+    """
     from tfprune.handlers import to_canonical
 
     masks = wrapper.method.final_masks(wrapper)

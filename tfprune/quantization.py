@@ -82,6 +82,12 @@ def fake_quantize(x, bits=8, axis=-1):
 
     Raises:
         ValueError: ``bits`` not in {4, 8}.
+
+    Example:
+        >>> w = keras.ops.convert_to_tensor([[0.1, -0.7], [0.0, 0.33]])
+        >>> keras.ops.convert_to_numpy(fake_quantize(w, bits=4)).round(3)
+        array([[ 0.1, -0.7],
+               [ 0. ,  0.3]], dtype=float32)
     """
     bits = check_bits(bits)
     qmax = float(2 ** (bits - 1) - 1)
@@ -101,6 +107,12 @@ class FakeQuant:
 
     Raises:
         ValueError: ``bits`` not in {4, 8}.
+
+    Example:
+        >>> q = FakeQuant(bits=8)
+        >>> wq = q(layer.kernel)                     # per output channel (last axis)
+        >>> FakeQuant.from_config(q.get_config()) == q
+        True
     """
 
     def __init__(self, bits=8, axis=-1):

@@ -33,6 +33,12 @@ class Report:
         total: the same keys summed over the layers; ``sparsity`` is
             ``1 - nonzero/params``, the regularity fractions are weighted by
             each layer's zeros.
+
+    Example:
+        >>> report = tfprune.sparsity_report(pruned)
+        >>> print(report)                                  # a readable table
+        >>> [(r["layer"], r["units_kept"], r["units"]) for r in report.rows]
+        >>> report.total["sparsity"], report.total["zeros_in_units"]
     """
 
     rows: list

@@ -33,7 +33,27 @@ _PKG = "tfprune"
 
 
 class Structure:
-    """Base class: maps a canonical ``[S, I, O]`` kernel to groups and back."""
+    """Base class: maps a canonical ``[S, I, O]`` kernel to groups and back.
+
+    A subclass implements `grid_shape`, `reduce` and `expand` (and
+    `get_config` when it has arguments) and is registered with Keras; every
+    method can then use it.
+
+    Example:
+        >>> @keras.saving.register_keras_serializable(package="my_structures")
+        ... class Row(Structure):
+        ...     \"\"\"One fan-in row across all units (an input feature of a Dense layer).\"\"\"
+        ...     def grid_shape(self, canon_shape):
+        ...         s, i, o = canon_shape
+        ...         return s * i, 1
+        ...     def reduce(self, scores):
+        ...         s, i, o = scores.shape
+        ...         return ops.sum(ops.reshape(scores, (s * i, o)), axis=1, keepdims=True)
+        ...     def expand(self, group_mask, canon_shape):
+        ...         return ops.broadcast_to(ops.reshape(group_mask, canon_shape[:2] + (1,)),
+        ...                                 canon_shape)
+        >>> m = methods.Magnitude(0.5, structure=Row())
+    """
 
     #: True when a removed group empties whole output units (bias is masked too).
     removes_units = False

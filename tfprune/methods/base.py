@@ -34,9 +34,36 @@ _PKG = "tfprune"
 
 
 class Method:
-    """Base class of all pruning methods."""
+    """Base class of all pruning methods.
 
-    #: Layer types (besides kernels handled by `tfprune.handlers`) the method accepts.
+    See the module docstring for the life cycle. A new method subclasses
+    `Method` (or `MaskedMethod`), registers itself with Keras and implements
+    at least `build`, `effective_variables` and `final_masks`.
+
+    Args:
+        structure: a `tfprune.structures.Structure`, its name, or None
+            (`Unstructured()`).
+
+    Example:
+        >>> @keras.saving.register_keras_serializable(package="my_methods")
+        ... class Random(MaskedMethod):
+        ...     \"\"\"Removes random groups once, at the first step.\"\"\"
+        ...     def __init__(self, sparsity, structure=None):
+        ...         super().__init__(structure)
+        ...         self.sparsity = sparsity
+        ...     def get_config(self):
+        ...         return {**super().get_config(), "sparsity": self.sparsity}
+        ...     def update(self, wrapper, step):
+        ...         if step != 0:
+        ...             return False
+        ...         for spec in self.kernel_specs(wrapper):
+        ...             scores = keras.random.uniform(self.group_scores(wrapper, spec).shape)
+        ...             self.set_group_mask(wrapper, spec, structures.select_groups(
+        ...                 self.structure, scores, self.sparsity))
+        ...         return True
+        >>> pruned = tfprune.prune(model, Random(0.5))
+    """
+
     def __init__(self, structure=None):
         self.structure = structures_lib.get(structure)
 
@@ -125,8 +152,20 @@ class Method:
 class MaskedMethod(Method):
     """A method whose state is one 0/1 mask per kernel (plus the bias for units).
 
-    Subclasses implement `compute_group_masks(wrapper, sparsity)` or override
-    `update`. The effective kernel is ``kernel * mask``.
+    Subclasses override `update` (and the per-epoch hooks) and set the masks
+    with `set_group_mask` (a mask on the structure's group grid, e.g. from
+    `tfprune.structures.select_groups` on `group_scores`) or `set_unit_mask`.
+    The effective kernel is ``kernel * mask``; `Magnitude` is the reference
+    subclass.
+
+    Example:
+        >>> class Magnitude(MaskedMethod):           # the essence of methods.Magnitude
+        ...     def update(self, wrapper, step):
+        ...         for spec in self.kernel_specs(wrapper):
+        ...             scores = self.group_scores(wrapper, spec)
+        ...             self.set_group_mask(wrapper, spec, structures.select_groups(
+        ...                 self.structure, scores, 0.5))
+        ...         return True
     """
 
     def build(self, wrapper):
@@ -198,7 +237,24 @@ class MaskedMethod(Method):
 
 
 def get(identifier):
-    """Resolves a method name (``"magnitude"``), config dict or instance."""
+    """Resolves a method name (``"magnitude"``), config dict or instance.
+
+    Args:
+        identifier: a `Method`, a name of `tfprune.methods.BY_NAME` (built
+            with its default arguments), or a config dict from
+            ``keras.saving.serialize_keras_object(method)``.
+
+    Returns:
+        A `Method`.
+
+    Raises:
+        ValueError: unknown name. TypeError: anything else.
+
+    Example:
+        >>> methods.get(methods.Magnitude(0.5))
+        Magnitude(sparsity=0.5, schedule=None, structure=Unstructured())
+        >>> methods.get(keras.saving.serialize_keras_object(methods.DPP(2, 4)))  # doctest: +SKIP
+    """
     from tfprune import methods as methods_pkg
 
     if isinstance(identifier, Method):

@@ -122,6 +122,11 @@ def relaxed_topk_mask(logits, k, tau, noise=None):
 
     Returns:
         ``[..., n]`` float tensor.
+
+    Example:
+        >>> m = relaxed_topk_mask(keras.ops.convert_to_tensor([[3.0, 1.0, 2.0, 0.0]]), 2, 1.0)
+        >>> keras.ops.convert_to_numpy(m)
+        array([[1., 0., 1., 0.]], dtype=float32)
     """
     y = logits if noise is None else logits + noise
     shape = tuple(y.shape)
@@ -710,6 +715,12 @@ def plot_masks(model, history=None, *, max_layers=6):
 
     Returns:
         A `matplotlib.figure.Figure`.
+
+    Example:
+        >>> history = DPPMetricsHistory()
+        >>> pruned.fit(x, y, epochs=5, callbacks=[tfprune.callbacks.Pruning(), history])
+        ... # doctest: +SKIP
+        >>> plot_masks(pruned, history).savefig("dpp_masks.png")  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
 

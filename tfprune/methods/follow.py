@@ -24,6 +24,12 @@ class Follow(Method):
 
     Args:
         source: name of the producing (wrapped) layer.
+
+    Example:
+        >>> pruned = tfprune.prune(model, methods.Magnitude(0.5, structure=structures.Filter()))
+        >>> bn = pruned.get_layer("batch_normalization")   # follows a pruned conv
+        >>> bn.method
+        Follow(source='conv2d', structure=Unstructured())
     """
 
     def __init__(self, source, structure=None):

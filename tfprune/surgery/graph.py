@@ -185,6 +185,11 @@ class DependencyGraph:
     Raises:
         TypeError: `model` is a subclassed model.
         ValueError: a Sequential model is not built.
+
+    Example:
+        >>> graph = DependencyGraph(model)
+        >>> print(graph.summary())              # one line per coupled group
+        >>> graph.stops                         # e.g. [('lambda', 'Lambda: ...')]
     """
 
     def __init__(self, model):

@@ -511,6 +511,13 @@ def register_handler(layer_class, handler):
 
     Raises:
         TypeError: `handler` is not a `Handler`.
+
+    Example:
+        >>> from tfprune.surgery.handlers import PassThrough
+        >>> class Clip(keras.layers.Layer):      # element-wise: channel i -> channel i
+        ...     def call(self, x):
+        ...         return keras.ops.clip(x, -1.0, 1.0)
+        >>> register_handler(Clip, PassThrough())
     """
     if not isinstance(handler, Handler):
         raise TypeError(f"register_handler: handler must be a tfprune.surgery.Handler, "

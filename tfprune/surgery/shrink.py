@@ -53,6 +53,12 @@ class ShrinkInfo:
             its bias}.
         stops: `(layer name, reason)` where the dependency graph stopped.
         params_before / params_after: parameter counts.
+
+    Example:
+        >>> small, info = tfprune.shrink(plain, return_info=True)  # doctest: +SKIP
+        >>> info.removed                  # {'conv1': (20, 5), 'fc1': (500, 125), ...}
+        >>> info.params_before, info.params_after
+        >>> print(info)                   # what was removed, folded and kept, and why
     """
 
     removed: dict = field(default_factory=dict)
