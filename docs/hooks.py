@@ -9,9 +9,12 @@ hooks keep ``mkdocs build --strict`` passing either way:
   to it, or, when the notebook is absent, the plain path with "(not yet
   available)";
 - ``<!-- benchmark-results -->`` in ``benchmarks/index.md`` is replaced by the
-  markdown files of ``benchmarks/results/`` (sorted), and the images there are
-  published next to that page (``benchmarks/<name>``), so relative image links
-  in the included files keep working. Without results the marker becomes a note.
+  markdown files of ``benchmarks/results/`` (sorted; of ``benchmarks.run``'s
+  ``*_full`` / ``*_quick`` / ``*_tiny`` outputs only the best mode present),
+  and the images there are published next to that page
+  (``benchmarks/<name>``), so relative image links in the included files keep
+  working; images no included file references are appended. Without results
+  the marker becomes a note.
 """
 
 from __future__ import annotations
@@ -37,9 +40,29 @@ def _notebooks(config):
     return sorted(folder.glob("*.ipynb")) if folder.is_dir() else []
 
 
+_MODES = ("full", "quick", "tiny")  # benchmarks.run --full / --quick / tiny test runs, best first
+_MODE_SUFFIX = re.compile(r"_(full|quick|tiny)$")
+
+
 def _results(config):
+    """Files of ``benchmarks/results/`` to publish.
+
+    ``benchmarks.run`` names its outputs ``*_<mode>.*``; only the best mode
+    present is shown (the committed full run rather than a quick one).
+    Files without a mode suffix (e.g. ``shrink_latency.md``) are always shown.
+    """
     folder = _root(config) / "benchmarks" / "results"
-    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    modes = {m.group(1) for p in files if (m := _MODE_SUFFIX.search(p.stem))}
+    best = next((mode for mode in _MODES if mode in modes), None)
+
+    def shown(path):
+        m = _MODE_SUFFIX.search(path.stem)
+        return m is None or m.group(1) == best
+
+    return [p for p in files if shown(p)]
 
 
 def on_files(files, config):

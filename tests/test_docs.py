@@ -148,6 +148,22 @@ def test_hooks_include_benchmark_tables_and_plots(tmp_path):
     assert "![latency.png](latency.png)" in text  # images not referenced are appended
 
 
+def test_hooks_show_only_the_best_benchmark_mode(tmp_path):
+    hooks = _load_hooks()
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    for name in ("benchmark_quick.md", "benchmark_full.md", "shrink_latency.md"):
+        (results / name).write_text(f"# {name}\n")
+    for name in ("speedup_vs_flops_quick.png", "speedup_vs_flops_full.png", "shrink_latency.png"):
+        (results / name).write_bytes(b"png")
+    config = {"config_file_path": str(tmp_path / "mkdocs.yml")}
+    text = hooks._benchmark_results(config)
+    assert "benchmark_full.md" in text and "shrink_latency.md" in text
+    assert "benchmark_quick.md" not in text
+    assert "speedup_vs_flops_full.png" in text and "shrink_latency.png" in text
+    assert "speedup_vs_flops_quick.png" not in text
+
+
 def test_hooks_without_results_or_notebooks_leave_a_note(tmp_path):
     hooks = _load_hooks()
     config = {"config_file_path": str(tmp_path / "mkdocs.yml")}
