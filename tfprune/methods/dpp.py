@@ -256,7 +256,8 @@ class DPP(Method):
         init_scale: logits are initialized to ``init_scale`` times the
             z-score (over the kernel) of the log of each group's squared L2
             norm, so pruning starts from a magnitude mask; 0 starts from
-            uniform logits.
+            uniform logits. The default 3 keeps the early masks close to the
+            magnitude mask (the noise and the learned logits then change it).
         seed: int seed of the noise generator, or None (taken from Keras'
             global seed, see `keras.utils.set_random_seed`).
 
@@ -281,7 +282,7 @@ class DPP(Method):
 
     def __init__(self, k=None, n=None, structure=None, temperature=(5.0, 0.5),
                  entropy_weight=1e-5, quantize=None, keep_ratio=None, anneal="linear",
-                 anneal_steps=None, noise_scale=0.1, init_scale=1.0, seed=None):
+                 anneal_steps=None, noise_scale=0.1, init_scale=3.0, seed=None):
         try:
             super().__init__(structure)
         except (TypeError, ValueError):
