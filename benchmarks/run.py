@@ -147,7 +147,10 @@ def _dpp(**kwargs):
 def _turbo_vbi(s):
     from tfprune import methods
 
-    return methods.TurboVBI(num_train_examples=s["num_train_examples"])
+    # Turbo iterations every 1/6 of the pruning phase, then the mask is frozen and the
+    # last third of the fine-tuning is plain training, like the other rows' schedules.
+    return methods.TurboVBI(num_train_examples=s["num_train_examples"],
+                            update_every=max(1, s["end_step"] // 6), freeze_step=s["end_step"])
 
 
 CONFIGS = [
@@ -253,10 +256,14 @@ def _train_tfprune(model_name, config, init, data, settings, schedule):
         method = config.make(schedule)
         layers = None
         if not config.prune_output:
+            from tfprune.handlers import get_handler
+
             output_name = model.layers[-1].name
 
             def layers(layer):
-                return None if layer.name == output_name else method
+                if layer.name == output_name or get_handler(layer) is None:
+                    return None
+                return method
 
         trained = tfprune.prune(model, method, layers=layers)
         callbacks.append(tfprune.callbacks.Pruning())
@@ -371,8 +378,12 @@ def run_model(model_name, settings, configs, log=print):
 
     for config in [c for c in configs if c.family != "tfmot"]:
         try:
+            t1 = time.perf_counter()
             final, times = _train_tfprune(model_name, config, init, data, settings, schedule)
+            t2 = time.perf_counter()
             add_row(config, final, _accuracy(final, x_test, y_test), times)
+            log(f"[{model_name}] {config.name}: trained in {t2 - t1:.0f} s, measured in "
+                f"{time.perf_counter() - t2:.0f} s")
         except Exception as e:  # a failing row is reported, the run goes on
             traceback.print_exc()
             failed(config, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -381,12 +392,14 @@ def run_model(model_name, settings, configs, log=print):
     if tfmot_configs:
         with tempfile.TemporaryDirectory(prefix="tfprune_bench_") as work:
             try:
+                t1 = time.perf_counter()
                 out, _ = _run_tfmot(model_name, tfmot_configs, init, data, settings, schedule,
                                     Path(work))
             except Exception as e:
                 for c in tfmot_configs:
                     failed(c, f"{type(e).__name__}: {str(e)[-300:]}")
                 out = {}
+            log(f"[{model_name}] tfmot process: {time.perf_counter() - t1:.0f} s")
             for c in tfmot_configs:
                 if c.name not in out:
                     continue
@@ -435,7 +448,7 @@ def _label(r):
     return f"{r['method']} {r['structure']}" if r["method"] not in ("dense",) else "dense"
 
 
-def write_markdown(path, rows, settings, info, mode, elapsed):
+def write_markdown(path, rows, settings, info, mode, elapsed, cpu):
     lines = [f"# tfprune benchmark ({mode})\n", common.machine_markdown(info)]
     lines.append(
         f"- protocol: MNIST agreed split (`tfprune.datasets.load_mnist`"
@@ -454,7 +467,9 @@ def write_markdown(path, rows, settings, info, mode, elapsed):
         f"as zeros); FLOPs kept: multiply-adds with nonzero weights / dense\n"
         f"- ratios are to the `dense` row (Keras 3) of the same run; speed-up = dense latency / "
         f"latency; train time includes the first epoch's tracing\n"
-        f"- total run time: {elapsed / 60:.1f} min\n")
+        f"- total run time: {elapsed / 60:.1f} min wall clock, {cpu / 60:.1f} min CPU (this "
+        f"process and its children; the machine is shared, so wall clock depends on the "
+        f"other jobs)\n")
     for model_name in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model_name]
         lines.append(f"\n## {MODEL_TITLES.get(model_name, model_name)}\n")
@@ -558,6 +573,15 @@ def write_plots(out, rows, mode, info):
     return paths
 
 
+def cpu_seconds():
+    """User + system CPU seconds of this process and its finished children."""
+    import resource
+
+    own, children = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                     resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 # -- entry point --------------------------------------------------------------------------------
 
 
@@ -593,18 +617,19 @@ def main(argv=None):
     info = common.machine_info()
     print(f"benchmarks.run --{mode}: models {settings.models}, {len(configs)} rows"
           f"{f' (skipped, method not in tfprune: {skipped})' if skipped else ''}", flush=True)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     rows = []
     for model_name in settings.models:
         rows += run_model(model_name, settings, configs,
                           log=lambda m: print(m, flush=True))
     elapsed = time.perf_counter() - t0
+    cpu = cpu_seconds() - cpu0
     info["skipped_rows"] = skipped
     md = out / f"benchmark_{mode}.md"
-    write_markdown(md, rows, settings, info, mode, elapsed)
+    write_markdown(md, rows, settings, info, mode, elapsed, cpu)
     (out / f"benchmark_{mode}.json").write_text(json.dumps(
         {"machine": info, "settings": dataclasses.asdict(settings), "elapsed_s": elapsed,
-         "rows": rows}, indent=1, default=float))
+         "cpu_s": cpu, "rows": rows}, indent=1, default=float))
     plots = write_plots(out, rows, mode, info)
     print(md.read_text())
     print(f"wrote {md}, {', '.join(str(p) for p in plots)} ({elapsed / 60:.1f} min)")
