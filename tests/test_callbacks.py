@@ -82,6 +82,21 @@ def test_fit_with_the_callback_prunes_every_layer_to_the_target(method):
         assert int(_np(w.step)) == 8
 
 
+@pytest.mark.parametrize("per_execution", [1, 4])
+def test_steps_per_execution_advances_the_schedule_by_every_training_step(per_execution):
+    # 10 steps per epoch: executions of 4, 4 and 2 steps; pruning due at steps 0, 2, ..., 14.
+    sched = schedules.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=14, frequency=2)
+    pruned = tfprune.prune(lenet(), methods.Magnitude(schedule=sched))
+    pruned.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   steps_per_execution=per_execution)
+    x, y = random_data((12, 12, 1), n=80, classes=4)
+    cb = tfprune.callbacks.Pruning()
+    pruned.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[cb])
+    for w in find_wrappers(pruned):
+        assert int(_np(w.step)) == 20 and cb._steps[id(w)] == 20
+    assert all(removed == round(0.8 * size) for removed, size in _removed(pruned).values())
+
+
 def _resume_setup():
     keras.utils.set_random_seed(7)
     sched = schedules.PolynomialDecay(0.0, 0.75, begin_step=0, end_step=14, frequency=3)

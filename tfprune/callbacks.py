@@ -21,6 +21,8 @@ class Pruning(keras.callbacks.Callback):
 
     The pruning step is stored in each wrapper (saved with the model), so a
     model saved mid-training and reloaded resumes exactly where it stopped.
+    With ``compile(steps_per_execution=N)`` each batch hook covers N steps: the
+    methods are updated for all of them before the execution runs.
 
     Args:
         log_dir: TensorBoard log directory, or None.
@@ -47,6 +49,7 @@ class Pruning(keras.callbacks.Callback):
         self._writer = None
         self._wrappers = []
         self._steps = {}
+        self._per_call = 1
 
     # -- hooks -----------------------------------------------------------------
     def on_train_begin(self, logs=None):
@@ -61,6 +64,9 @@ class Pruning(keras.callbacks.Callback):
             w._callback_attached = True
             self._steps[id(w)] = int(keras.ops.convert_to_numpy(w.step))
             w.method.on_train_begin(w, dict(self.params or {}))
+        # In fit(), each on_train_batch_begin covers `steps_per_execution` training steps.
+        self._per_call = int(getattr(self.model, "steps_per_execution", 1) or 1) if (
+            self.params) else 1
         # A fresh (untraced) train function: the trace must see the attached wrappers,
         # also after an earlier fit() without this callback failed mid-trace.
         if getattr(self.model, "train_function", None) is not None:
@@ -76,6 +82,14 @@ class Pruning(keras.callbacks.Callback):
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
 
     def on_train_batch_begin(self, batch, logs=None):
+        steps = 1
+        if self._per_call > 1:  # the steps of this execution, all updated before it runs
+            total = (self.params or {}).get("steps")
+            steps = min(self._per_call, total - batch) if total else self._per_call
+        for _ in range(max(1, steps)):
+            self._advance()
+
+    def _advance(self):
         changed = False
         step = None
         for w in self._wrappers:
@@ -89,6 +103,9 @@ class Pruning(keras.callbacks.Callback):
             self.sync_followers()
 
     def on_epoch_end(self, epoch, logs=None):
+        if self._per_call > 1:  # re-read the counted steps (a last execution may be short)
+            for w in self._wrappers:
+                self._steps[id(w)] = int(keras.ops.convert_to_numpy(w.step))
         changed = False
         for w in self._wrappers:
             changed |= bool(w.method.on_epoch_end(w, epoch))
