@@ -27,12 +27,14 @@ class Report:
             ``units``, ``units_kept``, ``flops`` (2 x multiply-adds of one
             sample, dense), ``flops_kept`` (counting only nonzero weights),
             and the regularity of the zeros: ``zeros_in_units`` (fraction of
-            the layer's zero weights that lie in wholly removed units) and
+            the layer's zero kernel weights that lie in wholly removed units) and
             ``zeros_in_blocks`` (fraction lying in all-zero ``4x1`` blocks of
-            the ``[fan_in, units]`` kernel matrix).
+            the ``[fan_in, units]`` kernel matrix, a trailing partial block
+            padded as `tfprune.structures.Block` does). Biases are not counted
+            in these two fractions.
         total: the same keys summed over the layers; ``sparsity`` is
             ``1 - nonzero/params``, the regularity fractions are weighted by
-            each layer's zeros.
+            each layer's zero kernel weights.
 
     Example:
         >>> report = tfprune.sparsity_report(pruned)
@@ -101,7 +103,7 @@ def _layer_row(layer):
     inner, values = _effective(layer)
     handler = handlers.get_handler(inner)
     params = nonzero = flops = flops_kept = 0
-    zeros_units = zeros_blocks = 0
+    zeros_units = zeros_blocks = kernel_zeros = 0
     try:
         out_spatial = _spatial(layer.output.shape)
         in_spatial = _spatial(layer.input.shape)
@@ -126,17 +128,20 @@ def _layer_row(layer):
         if spec is unit_spec:
             unit_alive = ~zero.all(axis=(0, 1))
         zeros_units += int(mat[:, zero.all(axis=(0, 1))].sum())
-        rows = (s * i) // 4 * 4
-        if rows:
-            blocks = mat[:rows].reshape(rows // 4, 4, o).all(axis=1)
-            zeros_blocks += int(blocks.sum()) * 4
+        kernel_zeros += int(mat.sum())
+        # 4x1 blocks of [fan_in, units]; a trailing partial block is padded (as `Block`).
+        rows = -(-(s * i) // 4) * 4
+        padded = np.ones((rows, o), bool)
+        padded[: s * i] = mat
+        zeros_blocks += int((mat & np.repeat(padded.reshape(-1, 4, o).all(axis=1), 4,
+                                             axis=0)[: s * i]).sum())
     bias = getattr(inner, handler.bias or "", None) if handler.bias else None
     if bias is not None:
         b = values[id(bias)]
         params += b.size
         nonzero += int(np.count_nonzero(b))
     units = int(unit_alive.size)
-    zeros = params - nonzero
+    zeros = kernel_zeros
     return {
         "layer": layer.name, "type": type(inner).__name__, "params": params, "nonzero": nonzero,
         "sparsity": 1.0 - nonzero / params if params else 0.0, "units": units,
