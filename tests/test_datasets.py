@@ -66,7 +66,16 @@ def test_load_mnist_test_split_is_last_half_of_official_test_set(mnist):
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     np.testing.assert_array_equal(x_test, images[5000:] / np.float32(255))
     np.testing.assert_array_equal(y_test, labels[5000:])
-    np.testing.assert_array_equal(x_train[5000:], images[:5000] / np.float32(255))
+    order = np.random.default_rng(datasets.mnist.TRAIN_SHUFFLE_SEED).permutation(10000)
+    from_test = order >= 5000  # positions holding the first half of the official test set
+    expected = images[order[from_test] - 5000] / np.float32(255)
+    np.testing.assert_array_equal(x_train[from_test], expected)
+
+
+def test_load_mnist_train_set_is_shuffled_so_prefixes_hold_every_digit(mnist):
+    (_, y_train), _ = mnist
+    assert len(np.unique(y_train[:256])) == 10
+    assert len(np.unique(y_train[:5000])) == 10
 
 
 def test_read_idx_rejects_bad_magic_number(tmp_path):

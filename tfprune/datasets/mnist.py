@@ -177,12 +177,18 @@ def _require(folder: Path, name: str) -> Path:
     return file
 
 
+TRAIN_SHUFFLE_SEED = 0
+"""Seed of the fixed permutation `load_mnist` applies to the training set."""
+
+
 def load_mnist() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Loads the bundled real MNIST sample with the project's agreed split (no network).
 
-    Train: the 5,000 bundled MNIST training samples followed by the first
-    5,000 images of the official test set (10,000 in all). Test: the last
-    5,000 images of the official test set.
+    Train: the 5,000 bundled MNIST training samples and the first 5,000
+    images of the official test set (10,000 in all), shuffled once with a
+    fixed seed (the bundled CSV is sorted by label, so any ``x[:n]`` of the
+    unshuffled set would hold a few digits only). Test: the last 5,000 images
+    of the official test set, in their original order.
 
     Returns:
         ``((x_train, y_train), (x_test, y_test))``: images ``float32`` in
@@ -199,6 +205,8 @@ def load_mnist() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.nd
     y_t10k = read_idx(_BUNDLED / "t10k-labels-idx1-ubyte.gz")
     x_train = np.concatenate([x_csv, x_t10k[:5000]])
     y_train = np.concatenate([y_csv, y_t10k[:5000]])
+    order = np.random.default_rng(TRAIN_SHUFFLE_SEED).permutation(len(x_train))
+    x_train, y_train = x_train[order], y_train[order]
     return (
         (_scale(x_train), y_train.astype(np.int64)),
         (_scale(x_t10k[5000:]), y_t10k[5000:].astype(np.int64)),
