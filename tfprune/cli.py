@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from tfprune.models import lenet5  # noqa: F401  (kept importable from here)
+
 
 def _quiet_tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -17,27 +19,7 @@ def _quiet_tf():
 # -- demo -------------------------------------------------------------------------
 
 
-def lenet5(num_classes=10):
-    """LeNet-5 as in the Caffe/TFMOT examples: conv 20 5x5, pool, conv 50 5x5, pool,
-    dense 500, dense 10."""
-    import keras
-
-    return keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            keras.layers.Conv2D(20, 5, activation="relu", name="conv1"),
-            keras.layers.MaxPooling2D(name="pool1"),
-            keras.layers.Conv2D(50, 5, activation="relu", name="conv2"),
-            keras.layers.MaxPooling2D(name="pool2"),
-            keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(500, activation="relu", name="fc1"),
-            keras.layers.Dense(num_classes, name="fc2"),
-        ],
-        name="lenet5",
-    )
-
-
-def _demo_method(name, steps):
+def _demo_method(name, steps, num_train_examples):
     """The pruning method of ``tfprune demo --method NAME`` (filter level: shrinkable)."""
     from tfprune import methods, schedules, structures
 
@@ -50,7 +32,7 @@ def _demo_method(name, steps):
     if name == "dpp":
         return methods.DPP(keep_ratio=0.25, structure=structures.Filter())
     if name == "turbo-vbi":
-        return methods.TurboVBI()
+        return methods.TurboVBI(num_train_examples=num_train_examples)
     raise ValueError(f"tfprune demo: unknown --method {name!r}; allowed: {DEMO_METHODS}.")
 
 
@@ -154,7 +136,7 @@ def demo(epochs=3, method="magnitude", out="tfprune_demo", batch_size=64, seed=0
     dense.save(out / "dense.keras")
 
     steps = epochs * int(np.ceil(len(x_train) / batch_size))
-    pruned = tfprune.prune(dense, _demo_method(method, steps))
+    pruned = tfprune.prune(dense, _demo_method(method, steps, len(x_train)))
     pruned.compile(keras.optimizers.Adam(5e-4), loss, metrics=["accuracy"])
     _fit(pruned, x_train, y_train, epochs, batch_size, f"prune ({method})",
          callbacks=[tfprune.callbacks.Pruning()])
