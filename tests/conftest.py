@@ -33,6 +33,14 @@ LAYER_CASES = [
     ("separable2d", lambda: keras.layers.SeparableConv2D(6, 3, depth_multiplier=2, name="pl"),
      (6, 6, 4)),
     ("conv2d_transpose", lambda: keras.layers.Conv2DTranspose(6, 3, name="pl"), (5, 5, 4)),
+    # Also handled (registered in tfprune.handlers):
+    ("conv1d_transpose", lambda: keras.layers.Conv1DTranspose(6, 3, strides=2, name="pl"),
+     (5, 4)),
+    ("conv3d_transpose", lambda: keras.layers.Conv3DTranspose(6, 2, name="pl"), (3, 3, 3, 3)),
+    ("depthwise1d", lambda: keras.layers.DepthwiseConv1D(3, depth_multiplier=2, name="pl"),
+     (7, 4)),
+    ("separable1d", lambda: keras.layers.SeparableConv1D(6, 3, depth_multiplier=2, name="pl"),
+     (7, 4)),
 ]
 LAYER_IDS = [c[0] for c in LAYER_CASES]
 

@@ -19,9 +19,11 @@ LAYOUTS = {
     "conv2d": {"kernel": "standard"}, "conv3d": {"kernel": "standard"},
     "depthwise2d": {"kernel": "depthwise"},
     "separable2d": {"depthwise_kernel": "depthwise", "pointwise_kernel": "standard"},
-    "conv2d_transpose": {"kernel": "transposed"},
+    "conv2d_transpose": {"kernel": "transposed"}, "conv1d_transpose": {"kernel": "transposed"},
+    "conv3d_transpose": {"kernel": "transposed"}, "depthwise1d": {"kernel": "depthwise"},
+    "separable1d": {"depthwise_kernel": "depthwise", "pointwise_kernel": "standard"},
 }
-UNIT_KERNEL = {"separable2d": "pointwise_kernel"}
+UNIT_KERNEL = {"separable2d": "pointwise_kernel", "separable1d": "pointwise_kernel"}
 
 
 def _canon(w, layout):
