@@ -155,6 +155,18 @@ def test_int8_forced_sparse_warns_smaller_and_still_matches():
     assert deq.dtype == np.float32
 
 
+def test_auto_skips_sparse_encoding_for_whole_dead_units_and_says_to_shrink():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(64, name="hidden"),
+                              keras.layers.Dense(4)])
+    kernel = model.get_layer("hidden").kernel.numpy()
+    kernel[:, 16:] = 0.0  # 75% of the units dead: a job for shrink, not the sparse encoding
+    model.get_layer("hidden").kernel.assign(kernel)
+    with pytest.warns(UserWarning, match="shrink"):
+        blob = export_tflite(model)
+    assert blob == export_tflite(model, sparse=False)
+
+
 def test_dense_model_auto_does_not_change_encoding():
     model, _ = _model("Dense")
     assert export_tflite(model) == export_tflite(model, sparse=False)

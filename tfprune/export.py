@@ -50,16 +50,28 @@ _SPARSE_NO_XNNPACK = ("dynamic", "int8")
 # -- export -------------------------------------------------------------------------------------
 
 
-def _kernel_sparsity(model) -> float:
-    """Largest fraction of exact zeros over the model's kernels (Dense, conv, depthwise...)."""
-    best = 0.0
+def _kernel_sparsity(model) -> tuple[float, int]:
+    """Sparsity LiteRT's sparse encoding could use, and the number of all-zero units.
+
+    Returns the largest fraction of exact zeros over the model's kernels
+    (Dense, conv, depthwise...) counted in the *live* output units only, and
+    the number of units (last kernel axis) whose kernel is entirely zero.
+    Whole dead units are not a job for the sparse encoding (it made a
+    Filter-masked MLP 1.6x slower than dense): `tfprune.shrink` removes them.
+    """
+    best, dead = 0.0, 0
     for weight in model.weights:
         if not weight.path.split("/")[-1].endswith("kernel"):
             continue
         value = np.asarray(weight.numpy())
-        if value.size:
-            best = max(best, float(np.mean(value == 0)))
-    return best
+        if not value.size:
+            continue
+        columns = value.reshape(-1, value.shape[-1]) if value.ndim > 1 else value[:, None]
+        alive = np.any(columns != 0, axis=0)
+        dead += int(np.sum(~alive))
+        if alive.any():
+            best = max(best, float(np.mean(columns[:, alive] == 0)))
+    return best, dead
 
 
 def _strip_wrappers(model):
@@ -225,7 +237,16 @@ def export_tflite(
 
     model = _strip_wrappers(model)
     if sparse == "auto":
-        use_sparse = quantize is None and _kernel_sparsity(model) >= AUTO_SPARSITY_THRESHOLD
+        sparsity, dead_units = _kernel_sparsity(model)
+        use_sparse = quantize is None and sparsity >= AUTO_SPARSITY_THRESHOLD
+        if dead_units:
+            warnings.warn(
+                f"export_tflite: model '{model.name}' has {dead_units} units whose weights are "
+                f"all zero; LiteRT still computes them. Call tfprune.shrink(model) first to "
+                f"remove them and make the model smaller and faster.",
+                UserWarning,
+                stacklevel=2,
+            )
     else:
         use_sparse = bool(sparse)
     if use_sparse and quantize in _SPARSE_NO_XNNPACK:
