@@ -173,6 +173,9 @@ def test_subclassed_model_with_wrapped_layers_trains_with_the_callback():
     plain = tfprune.strip(model.d1)
     assert type(plain) is keras.layers.Dense
     assert (_np(plain.kernel) == 0).mean() == 0.75
+    # The whole model cannot be rebuilt; the error says how to strip its layers instead.
+    with pytest.raises(ValueError, match=r"tfprune\.strip\(wrapper\)"):
+        tfprune.strip(model)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -15,11 +15,14 @@ def _check_model(model, fn):
     if not isinstance(model, keras.Model):
         raise TypeError(f"{fn}: `model` must be a keras.Model, got {type(model).__name__}.")
     if not isinstance(model, (keras.Sequential, keras.Model)) or not _is_graph_model(model):
+        hint = ("Wrap the layers of a subclassed model with tfprune.PruneWrapper(layer, method) "
+                "directly in its __init__ (see the FAQ 'Subclassed models').")
+        if fn == "strip":
+            hint = ("Strip its PruneWrapper layers one by one: tfprune.strip(wrapper) returns "
+                    "the plain layer with the pruned weights set to zero.")
         raise ValueError(
             f"{fn}: model '{model.name}' is a subclassed keras.Model ({type(model).__name__}); "
-            "tfprune can only rebuild Sequential and Functional models. Wrap the layers "
-            "of a subclassed model with tfprune.PruneWrapper(layer, method) directly in its "
-            "__init__ (see the FAQ 'Subclassed models').")
+            f"tfprune can only rebuild Sequential and Functional models. {hint}")
     if not model.built:
         raise ValueError(
             f"{fn}: model '{model.name}' is not built; call it on data or give the "
@@ -39,10 +42,15 @@ def _resolve_targets(model, method, layers):
     targets = {}
     if layers is None:
         method = methods_base.get(method)
-        outputs = _output_layer_names(model) if method.structure.removes_units else set()
+        outputs = _output_layer_names(model)
+        output_method = _keep_units(method)
         for layer in all_layers:
-            if handlers.get_handler(layer) is not None and layer.name not in outputs:
+            if handlers.get_handler(layer) is None:
+                continue
+            if layer.name not in outputs:
                 targets[layer.name] = method
+            elif output_method is not None:
+                targets[layer.name] = output_method
     elif callable(layers) and not isinstance(layers, (list, tuple, str)):
         for layer in all_layers:
             m = layers(layer)
@@ -69,6 +77,20 @@ def _resolve_targets(model, method, layers):
                     f"{', '.join(handlers.supported_layer_types())}.")
             targets[name] = method
     return targets
+
+
+def _keep_units(method):
+    """The variant of ``method`` for a layer producing a model output, or None to skip it.
+
+    A model's outputs must keep all their units: a structure that removes
+    units leaves output layers dense; a method that prunes dead units on its
+    own (``prune_units=True``, e.g. Turbo-VBI) gets ``prune_units=False`` there.
+    """
+    if method.structure.removes_units:
+        return None
+    if getattr(method, "prune_units", False):
+        return type(method).from_config({**method.get_config(), "prune_units": False})
+    return method
 
 
 def _output_layer_names(model):
@@ -159,8 +181,10 @@ def prune(model, method=None, *, layers=None):
             are handled). Subclassed models raise a `ValueError`: wrap their
             layers with `PruneWrapper` directly.
         method: a `tfprune.methods.Method` used for every selected layer.
-        layers: None (every supported layer; with a structure that removes
-            units, the layers producing the model's outputs are left dense),
+        layers: None (every supported layer; the layers producing the
+            model's outputs keep all their units: with a structure that
+            removes units they are left dense, a method with
+            ``prune_units=True`` gets ``prune_units=False`` there),
             a list of layer names, or a
             callable ``layer -> Method or None`` for per-layer methods (then
             ``method`` may be None).
