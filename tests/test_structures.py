@@ -272,3 +272,8 @@ def test_structures_compare_by_config():
     assert len({S.Filter(), S.Filter(), S.Kernel()}) == 2
     for a, b in itertools.combinations([S.Unstructured(), S.Kernel(), S.Filter()], 2):
         assert a != b
+
+
+def test_repr_is_readable_in_error_messages():
+    assert repr(S.KOutOfN(2, 4, of=S.Block((4, 1)))) == "KOutOfN(k=2, n=4, of=Block(shape=[4, 1]))"
+    assert repr(S.Filter()) == "Filter()"

@@ -260,6 +260,9 @@ class KOutOfN(Structure):
     def expand(self, group_mask, canon_shape):
         return self.of.expand(group_mask, canon_shape)
 
+    def __repr__(self):
+        return f"KOutOfN(k={self.k}, n={self.n}, of={self.of!r})"
+
     @property
     def keep_fraction(self):
         return self.k / self.n
