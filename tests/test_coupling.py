@@ -72,3 +72,4 @@ def test_coupled_filter_pruning_shrinks_exactly():
     assert {r["layer"]: r["units"] for r in report.rows}["b2"] == 8
     np.testing.assert_allclose(small.predict(x, verbose=0), plain.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-5)
+
