@@ -36,6 +36,14 @@ class Report:
             ``1 - nonzero/params``, the regularity fractions are weighted by
             each layer's zero kernel weights.
 
+    ``flops_kept`` counts the nonzero weights of each layer; on a masked
+    (not yet shrunk) model it does not subtract the inputs coming from a
+    previous layer's removed units, so it understates what `tfprune.shrink`
+    saves: the report of the shrunk model gives the real FLOPs.
+
+    ``str(report)`` shows, besides the counts, the regularity columns
+    "0s in units" and "0s in 4x1" (``zeros_in_units``, ``zeros_in_blocks``).
+
     Example:
         >>> report = tfprune.sparsity_report(pruned)
         >>> print(report)                                  # a readable table
@@ -47,13 +55,17 @@ class Report:
     total: dict
 
     def __str__(self):
-        header = ["layer", "type", "params", "nonzero", "sparsity", "units", "FLOPs", "FLOPs kept"]
+        header = ["layer", "type", "params", "nonzero", "sparsity", "units", "FLOPs",
+                  "FLOPs kept", "0s in units", "0s in 4x1"]
         lines = []
         for r in self.rows + [self.total]:
+            zeros = r["params"] != r["nonzero"]
             lines.append([
                 str(r["layer"]), str(r["type"]), f"{r['params']:,}", f"{r['nonzero']:,}",
                 f"{r['sparsity']:.1%}", f"{r['units_kept']}/{r['units']}",
                 _human(r["flops"]), f"{_human(r['flops_kept'])} ({_ratio(r)})",
+                f"{r['zeros_in_units']:.0%}" if zeros else "-",
+                f"{r['zeros_in_blocks']:.0%}" if zeros else "-",
             ])
         widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
         fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
