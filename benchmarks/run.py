@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python -m benchmarks.run --quick            # < 5 min: LeNet-300-100 and LeNet-5, short
     python -m benchmarks.run --full             # < 60 min on 2 cores: + the small CNN
     python -m benchmarks.run --quick --out DIR  # default DIR: benchmarks/results
+    python -m benchmarks.run --render benchmarks/results/benchmark_full.json  # redraw only
 
 ``TFPRUNE_BENCH_TINY=1`` shrinks the quick run further (LeNet-300-100 on 2,000
 samples, one epoch each: the test suite's smoke run).
@@ -466,7 +467,8 @@ def write_markdown(path, rows, settings, info, mode, elapsed, cpu):
         f"- sparsity: zero weights / dense parameters (shrunk models count removed weights "
         f"as zeros); FLOPs kept: multiply-adds with nonzero weights / dense\n"
         f"- ratios are to the `dense` row (Keras 3) of the same run; speed-up = dense latency / "
-        f"latency; train time includes the first epoch's tracing\n"
+        f"latency; train s/epoch: median over the fine-tuning epochs (with one epoch it "
+        f"includes tracing)\n"
         f"- total run time: {elapsed / 60:.1f} min wall clock, {cpu / 60:.1f} min CPU (this "
         f"process and its children; the machine is shared, so wall clock depends on the "
         f"other jobs)\n")
@@ -509,6 +511,21 @@ def write_markdown(path, rows, settings, info, mode, elapsed, cpu):
     Path(path).write_text("".join(lines))
 
 
+def _annotate_merged(ax, points, log=False):
+    """Annotates (x, y, label) points; labels of points that coincide are stacked in one note."""
+    import math as _m
+
+    def key(v):
+        return round(_m.log10(v), 2) if log else round(v, 1)
+
+    groups = {}
+    for x, y, label in points:
+        groups.setdefault((key(x), key(y)), (x, y, []))[2].append(label)
+    for x, y, labels in groups.values():
+        ax.annotate("\n".join(dict.fromkeys(labels)), (x, y), fontsize=5.5, xytext=(4, 2),
+                    textcoords="offset points", va="bottom")
+
+
 METHOD_STYLE = {"dense": ("k", "*"), "Magnitude": ("C0", "o"), "DPP": ("C1", "s"),
                 "TurboVBI": ("C2", "^"), "tfmot": ("C3", "x")}
 
@@ -524,12 +541,13 @@ def write_plots(out, rows, mode, info):
     paths = []
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.5), squeeze=False)
     for ax, model_name in zip(axes[0], names):
+        points = []
         for r in (r for r in ok if r["model"] == model_name):
             color, marker = METHOD_STYLE.get(r["method"], ("C7", "d"))
             ax.scatter(r["sparsity"] * 100, r["accuracy"] * 100, color=color, marker=marker,
                        label=r["method"])
-            ax.annotate(r["structure"], (r["sparsity"] * 100, r["accuracy"] * 100), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+            points.append((r["sparsity"] * 100, r["accuracy"] * 100, _label(r)))
+        _annotate_merged(ax, points)
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         ax.legend(uniq.values(), uniq.keys(), fontsize=8)
@@ -549,12 +567,13 @@ def write_plots(out, rows, mode, info):
         mrows = [r for r in ok if r["model"] == model_name]
         top = max([r["flops_reduction"] for r in mrows] + [r["float32_speedup"] for r in mrows])
         ax.plot([1, top * 1.2], [1, top * 1.2], "k--", lw=1, label="ideal (speed-up = FLOPs)")
+        points = []
         for r in mrows:
             color, marker = METHOD_STYLE.get(r["method"], ("C7", "d"))
             ax.scatter(r["flops_reduction"], r["float32_speedup"], color=color, marker=marker,
                        label=r["method"])
-            ax.annotate(r["structure"], (r["flops_reduction"], r["float32_speedup"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+            points.append((r["flops_reduction"], r["float32_speedup"], _label(r)))
+        _annotate_merged(ax, points, log=True)
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         ax.legend(uniq.values(), uniq.keys(), fontsize=8)
@@ -573,6 +592,20 @@ def write_plots(out, rows, mode, info):
     return paths
 
 
+def render(json_path, out):
+    """Rewrites ``benchmark_<mode>.md`` and the plots from a results JSON (no measurement)."""
+    data = json.loads(json_path.read_text())
+    mode = json_path.stem.removeprefix("benchmark_")
+    settings = Settings(**{k: tuple(v) if k == "models" else v
+                           for k, v in data["settings"].items()})
+    out.mkdir(parents=True, exist_ok=True)
+    write_markdown(out / f"benchmark_{mode}.md", data["rows"], settings, data["machine"], mode,
+                   data["elapsed_s"], data.get("cpu_s", float("nan")))
+    plots = write_plots(out, data["rows"], mode, data["machine"])
+    print(f"wrote {out / f'benchmark_{mode}.md'}, {', '.join(str(p) for p in plots)}")
+    return 0
+
+
 def cpu_seconds():
     """User + system CPU seconds of this process and its finished children."""
     import resource
@@ -588,15 +621,21 @@ def cpu_seconds():
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_mutually_exclusive_group(required=True)
+    group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="short run (< 5 min)")
     group.add_argument("--full", action="store_true", help="full run (< 60 min on 2 cores)")
+    group.add_argument("--render", metavar="JSON",
+                       help="only rewrite the table and plots from a benchmark_<mode>.json")
     parser.add_argument("--out", default=str(common.DEFAULT_OUT), help="output folder")
     parser.add_argument("--models", default=None,
                         help="comma-separated subset of " + ",".join(models.BUILDERS))
     parser.add_argument("--configs", default=None,
                         help="comma-separated subset of row names (dense is always run)")
     args = parser.parse_args(argv)
+    if args.render:
+        return render(Path(args.render), Path(args.out))
+    if not (args.quick or args.full):
+        parser.error("one of --quick, --full or --render is required")
     mode = "full" if args.full else "quick"
     if mode == "quick" and os.environ.get("TFPRUNE_BENCH_TINY"):
         mode = "tiny"
