@@ -38,6 +38,9 @@ SPARSE_MODES = ("auto", True, False)
 AUTO_SPARSITY_THRESHOLD = 0.3
 """``sparse="auto"`` encodes sparsity when some kernel has at least this fraction of zeros."""
 
+DEAD_UNITS_WARNING = 0.2
+"""``sparse="auto"`` warns (shrink first) when at least this fraction of all units is all zero."""
+
 # Quantization modes in which the sparse encoding gave wrong outputs (float16: NaN
 # for Block((4, 1)) Dense kernels and for Conv2DTranspose under XNNPACK).
 _SPARSE_WRONG = ("float16",)
@@ -50,16 +53,17 @@ _SPARSE_NO_XNNPACK = ("dynamic", "int8")
 # -- export -------------------------------------------------------------------------------------
 
 
-def _kernel_sparsity(model) -> tuple[float, int]:
-    """Sparsity LiteRT's sparse encoding could use, and the number of all-zero units.
+def _kernel_sparsity(model) -> tuple[float, int, int]:
+    """Sparsity LiteRT's sparse encoding could use, and the all-zero and total unit counts.
 
     Returns the largest fraction of exact zeros over the model's kernels
     (Dense, conv, depthwise...) counted in the *live* output units only, and
-    the number of units (last kernel axis) whose kernel is entirely zero.
+    the numbers of units (last kernel axis) whose kernel is entirely zero and
+    of all units.
     Whole dead units are not a job for the sparse encoding (it made a
     Filter-masked MLP 1.6x slower than dense): `tfprune.shrink` removes them.
     """
-    best, dead = 0.0, 0
+    best, dead, total = 0.0, 0, 0
     for weight in model.weights:
         if not weight.path.split("/")[-1].endswith("kernel"):
             continue
@@ -69,9 +73,10 @@ def _kernel_sparsity(model) -> tuple[float, int]:
         columns = value.reshape(-1, value.shape[-1]) if value.ndim > 1 else value[:, None]
         alive = np.any(columns != 0, axis=0)
         dead += int(np.sum(~alive))
+        total += alive.size
         if alive.any():
             best = max(best, float(np.mean(columns[:, alive] == 0)))
-    return best, dead
+    return best, dead, total
 
 
 def _strip_wrappers(model):
@@ -237,9 +242,9 @@ def export_tflite(
 
     model = _strip_wrappers(model)
     if sparse == "auto":
-        sparsity, dead_units = _kernel_sparsity(model)
+        sparsity, dead_units, units = _kernel_sparsity(model)
         use_sparse = quantize is None and sparsity >= AUTO_SPARSITY_THRESHOLD
-        if dead_units:
+        if dead_units >= DEAD_UNITS_WARNING * units:
             warnings.warn(
                 f"export_tflite: model '{model.name}' has {dead_units} units whose weights are "
                 f"all zero; LiteRT still computes them. Call tfprune.shrink(model) first to "
