@@ -103,7 +103,37 @@ def test_relaxed_draw_equals_k_sequential_softmaxes(k):
     np.testing.assert_allclose(tape.gradient(loss_a, y), tape.gradient(loss_b, y), atol=1e-5)
 
 
-def test_relaxed_draw_is_stable_for_extreme_logits():
+@pytest.mark.parametrize("shape,k", [((5, 7, 4), 2), ((3, 4), 1), ((6, 8), 3),
+                                     ((2, 3, 16), 5), ((4, 4), 4)])
+def test_short_run_path_equals_top_k_path(monkeypatch, shape, k):
+    """Short runs (pairwise ranks, closed-form softmax Jacobian) == the top_k closed form."""
+    from tfprune.methods import dpp
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=shape).astype("float32")
+    y[..., 1] = y[..., 0]  # ties: the lower index is kept first, as top_k does
+    y[0, ..., -1] = -1e9  # a padding slot
+    w = tf.constant(rng.normal(size=shape).astype("float32"))
+
+    def run():
+        yv = tf.Variable(y)
+        with tf.GradientTape() as tape:
+            mask = relaxed_topk_mask(yv, k, 0.7)
+            loss = tf.reduce_sum(mask * w)
+        return mask.numpy(), tape.gradient(loss, yv).numpy()
+
+    short = run()
+    monkeypatch.setattr(dpp, "_PAIRWISE_MAX_N", 0)
+    long = run()
+    np.testing.assert_array_equal(short[0], long[0])
+    np.testing.assert_allclose(short[1], long[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("pairwise_max_n", [16, 0])
+def test_relaxed_draw_is_stable_for_extreme_logits(monkeypatch, pairwise_max_n):
+    from tfprune.methods import dpp
+
+    monkeypatch.setattr(dpp, "_PAIRWISE_MAX_N", pairwise_max_n)
     y = tf.Variable([[300.0, -300.0, 0.0, 1e4, -1e4, 5.0]])
     with tf.GradientTape() as tape:
         mask = relaxed_topk_mask(y, 3, 0.05)

@@ -53,6 +53,7 @@ from tfprune.methods.base import Method
 
 _PKG = "tfprune"
 _NEG = -1e9  # logit of a padding slot in a trailing short run: never kept if avoidable
+_PAIRWISE_MAX_N = 16  # runs up to this long rank by pairwise comparisons, not top_k
 _ANNEALS = ("linear", "exponential")
 _BASES = (structures_lib.Unstructured, structures_lib.Kernel, structures_lib.Filter)
 
@@ -131,6 +132,8 @@ def relaxed_topk_mask(logits, k, tau, noise=None):
     y = logits if noise is None else logits + noise
     shape = tuple(y.shape)
     n = int(shape[-1])
+    if n <= _PAIRWISE_MAX_N:
+        return _relaxed_topk_short(y, k, tau)
     rows = math.prod(shape[:-1])
     vals, idx = ops.top_k(y, k, sorted=True)  # [..., k], descending
     # Rank (1..k) of every kept entry, 0 elsewhere, by one integer scatter.
@@ -156,6 +159,57 @@ def relaxed_topk_mask(logits, k, tau, noise=None):
     soft_rest = rest * ops.sum(a / z, axis=-1, keepdims=True)
     soft_kept = ops.concatenate([soft_kept, ops.zeros_like(soft_kept[..., :1])], axis=-1)
     soft = soft_rest + ops.take_along_axis(soft_kept, rank0, axis=-1)
+    return hard + (soft - ops.stop_gradient(soft))
+
+
+def _relaxed_topk_short(y, k, tau):
+    """`relaxed_topk_mask` for short rows (``n <= _PAIRWISE_MAX_N``), in few elementwise ops.
+
+    On many short rows TF's top_k, scatter and gather, and the autodiff of the
+    closed form (broadcasts over ``[..., k, k]``), cost far more than the layer
+    itself. Here the ranks come from pairwise comparisons (the order of top_k:
+    ties go to the lower index), draw ``r`` is a softmax of ``y / tau`` over
+    the entries of rank >= r (shifted by its maximum, the r-th largest value),
+    and the gradient is the softmax Jacobian in closed form:
+    ``d soft / d y_j = sum_r p_rj (g_j - sum_i g_i p_ri) / tau``.
+    """
+    n = int(y.shape[-1])
+    # 0-based rank of entry i: i + #{j > i: y_j > y_i} - #{j < i: y_i > y_j}, i.e. the
+    # entries before it (larger, or equal with a lower index), one comparison per pair.
+    cols = ops.unstack(y, n, axis=-1)
+    counts = [i for i in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            c = ops.cast(ops.greater(cols[j], cols[i]), "int32")  # j before i
+            counts[i] = counts[i] + c
+            counts[j] = counts[j] - c
+    rank0 = ops.stack([ops.broadcast_to(c, ops.shape(cols[0])) for c in counts], axis=-1)
+    hard = ops.cast(rank0 < k, y.dtype)
+    tau = ops.cast(tau, y.dtype)
+
+    @ops.custom_gradient
+    def relaxed(y):
+        y = ops.stop_gradient(y)
+        draws = []
+        for r in range(k):
+            left = rank0 >= r  # not drawn before draw r
+            top = ops.max(ops.where(left, y, -np.inf), axis=-1, keepdims=True)
+            e = ops.where(left, ops.exp((y - top) / tau), 0.0)  # exponents <= 0 where left
+            draws.append(e / ops.sum(e, axis=-1, keepdims=True))
+        soft = draws[0]
+        for p in draws[1:]:
+            soft = soft + p
+
+        def grad(*args, upstream=None):
+            g = args[0] if upstream is None else upstream
+            out = 0.0
+            for p in draws:
+                out = out + p * (g - ops.sum(g * p, axis=-1, keepdims=True))
+            return out / tau
+
+        return soft, grad
+
+    soft = relaxed(y)
     return hard + (soft - ops.stop_gradient(soft))
 
 
