@@ -133,6 +133,27 @@ def test_kl_matches_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
+def test_closed_form_kl_equals_tfp_kl():
+    """The per-step closed-form KL is TFP's Normal-Normal KL (summed over the kept weights)."""
+    import tensorflow_probability as tfp
+
+    tfd = tfp.distributions
+    pruned = tfprune.prune(_mlp(), methods.TurboVBI(num_train_examples=10))
+    rng = np.random.default_rng(3)
+    for w in find_wrappers(pruned):
+        m = w.method
+        m._sigma_raw.assign(rng.normal(-4, 2, m._sigma_raw.shape).astype("float32"))
+        m._precision.assign(np.exp(rng.uniform(-3, 8, m._precision.shape)).astype("float32"))
+        m._mask.assign((rng.uniform(size=m._mask.shape) > 0.4).astype("float32"))
+        mu = keras.ops.convert_to_tensor(w.layer.kernel)
+        sigma = keras.ops.softplus(m._sigma_raw)
+        kl = tfd.kl_divergence(tfd.Normal(mu, sigma),
+                               tfd.Normal(keras.ops.zeros_like(mu), keras.ops.rsqrt(m._precision)))
+        want = float(keras.ops.convert_to_numpy(keras.ops.sum(kl * m._mask)))
+        for got in (m.kl_divergence(w), m.kl_divergence(w, sigma)):
+            np.testing.assert_allclose(float(keras.ops.convert_to_numpy(got)), want, rtol=1e-5)
+
+
 def test_training_loss_includes_scaled_kl():
     x, y = _data((12,))
     pruned = tfprune.prune(_mlp(), methods.TurboVBI(num_train_examples=100, kl_weight=2.0))
