@@ -36,19 +36,6 @@ from tfprune.export import benchmark_tflite, export_tflite, run_tflite  # noqa: 
 BATCH = 64
 
 
-def lenet5():
-    return keras.Sequential([
-        keras.Input((28, 28, 1)),
-        keras.layers.Conv2D(20, 5, activation="relu", name="conv1"),
-        keras.layers.MaxPooling2D(name="pool1"),
-        keras.layers.Conv2D(50, 5, activation="relu", name="conv2"),
-        keras.layers.MaxPooling2D(name="pool2"),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(500, activation="relu", name="fc1"),
-        keras.layers.Dense(10, name="fc2"),
-    ], name="lenet5")
-
-
 class EpochTimer(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.times = []
@@ -96,7 +83,7 @@ def main(argv=None):
     ft_steps = steps * args.finetune
 
     keras.utils.set_random_seed(args.seed)
-    dense = lenet5()
+    dense = tfprune.models.lenet5()
     dense_timer = compile_fit(dense, x_train, y_train, args.epochs)
     dense_acc = accuracy(dense, x_test, y_test)
     dense_blob = export_tflite(dense)

@@ -28,21 +28,6 @@ from tfprune import methods  # noqa: E402
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def lenet_300_100():
-    return keras.Sequential([
-        keras.Input((28, 28, 1)), keras.layers.Flatten(),
-        keras.layers.Dense(300, activation="relu"), keras.layers.Dense(100, activation="relu"),
-        keras.layers.Dense(10)], name="lenet_300_100")
-
-
-def lenet_5():
-    return keras.Sequential([
-        keras.Input((28, 28, 1)), keras.layers.Conv2D(20, 5, activation="relu"),
-        keras.layers.MaxPooling2D(), keras.layers.Conv2D(50, 5, activation="relu"),
-        keras.layers.MaxPooling2D(), keras.layers.Flatten(),
-        keras.layers.Dense(500, activation="relu"), keras.layers.Dense(10)], name="lenet_5")
-
-
 class EpochTimer(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._t = time.perf_counter()
@@ -157,8 +142,11 @@ def main(argv=None):
     if args.smoke:
         x, y, xt, yt = x[:512], y[:512], xt[:256], yt[:256]
         args.epochs, args.finetune, args.dense_epochs = 2, 1, 1
+    def lenet_300_100():
+        return tfprune.models.lenet_300_100(input_shape=(28, 28, 1))
+
     results = [run(build, ((x, y), (xt, yt)), args.epochs, args.finetune, args.dense_epochs)
-               for build in (lenet_300_100, lenet_5)]
+               for build in (lenet_300_100, tfprune.models.lenet5)]
     print(table(results))
     return results
 
