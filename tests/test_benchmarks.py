@@ -22,7 +22,11 @@ def _run(args, out, env=None):
 
 
 def _rows(path):
-    return {r["config"]: r for r in json.loads(Path(path).read_text())["rows"]}
+    """{model: {config: row}} of a benchmark JSON."""
+    out = {}
+    for r in json.loads(Path(path).read_text())["rows"]:
+        out.setdefault(r["model"], {})[r["config"]] = r
+    return out
 
 
 def _check_run(out, mode):
@@ -32,14 +36,22 @@ def _check_run(out, mode):
         assert needle in text, needle
     for plot in (f"accuracy_vs_sparsity_{mode}.png", f"speedup_vs_flops_{mode}.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = _rows(out / f"benchmark_{mode}.json")
+    by_model = _rows(out / f"benchmark_{mode}.json")
+    for rows in by_model.values():
+        _check_model(rows)
+    return by_model
+
+
+def _check_model(rows):
     must_work = ["dense", "magnitude_unstructured_90", "magnitude_block4x1_90", "magnitude_2of4",
                  "magnitude_filter_75_shrunk", "tfmot_dense", "tfmot_unstructured_90",
                  "tfmot_2of4", "tfmot_block1x4_90", "tfmot_block4x1_90"]
     for name in must_work:
         assert name in rows and "error" not in rows[name], rows.get(name)
     dense = rows["dense"]
-    assert dense["accuracy"] > 0.8 and dense["sparsity"] == 0.0 and dense["flops_kept"] == 1.0
+    # A few weights of a trained dense model can be exactly 0 (the zero-initialized bias of a
+    # unit whose ReLU never fires gets no gradient).
+    assert dense["accuracy"] > 0.8 and dense["sparsity"] < 1e-3 and dense["flops_kept"] > 0.999
     assert dense["float32_speedup"] == 1.0 and dense["float32_latency_us"] > 0
     # The same weights trained by the same recipe in tf_keras land close to Keras 3.
     assert abs(rows["tfmot_dense"]["accuracy"] - dense["accuracy"]) < 0.05
@@ -60,7 +72,6 @@ def _check_run(out, mode):
         assert r["float32_latency_min_us"] <= r["float32_latency_us"] <= r[
             "float32_latency_max_us"]
         assert r["epoch_seconds"] > 0 and r["float32_gzip_bytes"] <= r["float32_bytes"] * 1.01
-    return rows
 
 
 def test_quick_benchmark_tiny_writes_sane_table_and_plots(tmp_path):
@@ -71,8 +82,7 @@ def test_quick_benchmark_tiny_writes_sane_table_and_plots(tmp_path):
 @pytest.mark.slow
 def test_quick_benchmark_runs_in_five_minutes(tmp_path):
     _run(["benchmarks.run", "--quick"], tmp_path)
-    rows = _check_run(tmp_path, "quick")
-    assert {r["model"] for r in rows.values()} >= {"lenet300"}
+    assert set(_check_run(tmp_path, "quick")) == {"lenet300", "lenet5"}
     # CPU time, not wall clock: on the shared 2-core machine other jobs stretch the latter.
     assert json.loads((tmp_path / "benchmark_quick.json").read_text())["cpu_s"] < 300
 
