@@ -146,6 +146,10 @@ def main(argv=None):
     parser.add_argument("--finetune", type=int, default=2)
     parser.add_argument("--dense-epochs", type=int, default=6)
     parser.add_argument("--smoke", action="store_true", help="tiny run (CI)")
+    parser.add_argument("--kl-weight", type=float, default=0.05,
+                        help="TurboVBI kl_weight (higher: sparser)")
+    parser.add_argument("--models", default="lenet_300_100,lenet5",
+                        help="comma-separated subset of lenet_300_100,lenet5")
     args = parser.parse_args(argv)
     (x, y), (xt, yt) = tfprune.datasets.load_mnist()
     x, xt = x[..., None], xt[..., None]
@@ -155,8 +159,10 @@ def main(argv=None):
     def lenet_300_100():
         return tfprune.models.lenet_300_100(input_shape=(28, 28, 1))
 
-    results = [run(build, ((x, y), (xt, yt)), args.epochs, args.finetune, args.dense_epochs)
-               for build in (lenet_300_100, tfprune.models.lenet5)]
+    builds = {"lenet_300_100": lenet_300_100, "lenet5": tfprune.models.lenet5}
+    results = [run(builds[name], ((x, y), (xt, yt)), args.epochs, args.finetune,
+                   args.dense_epochs, turbo_kwargs={"kl_weight": args.kl_weight})
+               for name in args.models.split(",")]
     print(table(results))
     return results
 
