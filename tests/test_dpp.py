@@ -142,6 +142,77 @@ def test_relaxed_draw_is_stable_for_extreme_logits(monkeypatch, pairwise_max_n):
     assert np.all(np.isfinite(grad)) and mask.numpy().sum() == 3
 
 
+def _reference_masks_and_entropy(method, tau):
+    """The first releases' layout: runs transposed to ``[R, B, n]`` (n last), the top_k
+    closed form for every n, autodiff of ``log_softmax`` for the entropy."""
+    masks, entropy = {}, 0.0
+    for e in method._entries:
+        (a, b), runs = e.grid, e.runs
+        x = tf.pad(tf.convert_to_tensor(e.logits), [(0, runs * e.n - a), (0, 0)],
+                   constant_values=-1e9)
+        x = tf.transpose(tf.reshape(x, (runs, e.n, b)), (0, 2, 1))
+        logp = tf.nn.log_softmax(x, axis=-1)
+        entropy -= tf.reduce_sum(tf.exp(logp) * logp)
+        noise = None
+        if method.noise_scale > 0:
+            u = keras.random.uniform(tuple(x.shape), minval=1e-12, maxval=1.0,
+                                     seed=method._seed_generator)
+            noise = -method.noise_scale * tf.math.log(-tf.math.log(u))
+        mask = relaxed_topk_mask(x, min(e.k, e.n), tau, noise)
+        masks[e.name] = tf.reshape(tf.transpose(mask, (0, 2, 1)), (runs * e.n, b))[:a]
+    return masks, entropy
+
+
+@pytest.mark.parametrize("units,fan_in,kwargs", [
+    (6, 10, dict(k=2, n=4)),  # a trailing run of 2 padded to 4
+    (5, 12, dict(k=3, n=None, noise_scale=1.0)),
+    (7, 9, dict(k=1, n=3, noise_scale=0.0, init_scale=0.0)),  # all ties: lower index first
+    (20, 6, dict(keep_ratio=0.25, structure="filter")),  # n = 20 > _PAIRWISE_MAX_N
+])
+def test_training_masks_and_gradients_equal_the_reference_layout(monkeypatch, units, fan_in,
+                                                                  kwargs):
+    """Runs along axis 1 (no transposes), the short-run path and the hand-written entropy
+    gradient give the masks of the reference path bit for bit (same seed, same noise
+    draws) and its gradients up to rounding."""
+    from tfprune.methods import dpp
+
+    keras.utils.set_random_seed(3)
+    wrapper = tfprune.PruneWrapper(keras.layers.Dense(units),
+                                   DPP(**kwargs, anneal_steps=10, entropy_weight=0.3))
+    wrapper(np.zeros((1, fan_in), "float32"))
+    wrapper._callback_attached = True
+    method = wrapper.method
+    rng = np.random.default_rng(0)
+    for e in method._entries:
+        if method.init_scale:
+            e.logits.assign(rng.normal(size=e.grid).astype("float32"))
+    logits = [e.logits for e in method._entries]
+    weights = {e.name: tf.constant(rng.normal(size=e.grid).astype("float32"))
+               for e in method._entries}
+    state = method._seed_generator.state.numpy()
+    tau = method.temperature_tensor(wrapper)
+
+    def loss_and_grads(fn):
+        with tf.GradientTape() as tape:
+            masks, entropy = fn()
+            loss = entropy + sum(tf.reduce_sum(masks[n] * w) for n, w in weights.items())
+        grads = tape.gradient(loss, logits)
+        return ({n: m.numpy() for n, m in masks.items()}, float(entropy),
+                [g.numpy() for g in grads])
+
+    new = loss_and_grads(lambda: (method.group_masks(wrapper, True), method.entropy()))
+    method._seed_generator.state.assign(state)
+    monkeypatch.setattr(dpp, "_PAIRWISE_MAX_N", 0)
+    ref = loss_and_grads(lambda: _reference_masks_and_entropy(method, tau))
+    for name in new[0]:
+        np.testing.assert_array_equal(new[0][name], ref[0][name])
+        _check_runs(next(e for e in method._entries if e.name == name), new[0][name])
+    np.testing.assert_allclose(new[1], ref[1], rtol=1e-5)
+    for a, b in zip(new[2], ref[2]):
+        assert np.abs(b).max() > 0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_temperature_schedules():
     lin = [float(temperature_at(s, (5.0, 0.5), 10)) for s in (0, 3, 9, 20)]
     np.testing.assert_allclose(lin, [5.0, 3.5, 0.5, 0.5], rtol=1e-6)

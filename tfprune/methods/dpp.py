@@ -162,55 +162,84 @@ def relaxed_topk_mask(logits, k, tau, noise=None):
     return hard + (soft - ops.stop_gradient(soft))
 
 
-def _relaxed_topk_short(y, k, tau):
-    """`relaxed_topk_mask` for short rows (``n <= _PAIRWISE_MAX_N``), in few elementwise ops.
+def _relaxed_topk_short(y, k, tau, axis=-1):
+    """`relaxed_topk_mask` for short rows (``n <= _PAIRWISE_MAX_N``) along ``axis``.
 
     On many short rows TF's top_k, scatter and gather, and the autodiff of the
     closed form (broadcasts over ``[..., k, k]``), cost far more than the layer
     itself. Here the ranks come from pairwise comparisons (the order of top_k:
-    ties go to the lower index), draw ``r`` is a softmax of ``y / tau`` over
-    the entries of rank >= r (shifted by its maximum, the r-th largest value),
-    and the gradient is the softmax Jacobian in closed form:
-    ``d soft / d y_j = sum_r p_rj (g_j - sum_i g_i p_ri) / tau``.
+    ties go to the lower index), the forward value is the hard mask itself
+    (``hard + (soft - soft)`` is exactly ``hard``) and the gradient is the
+    Jacobian of the relaxed draw in closed form: draw ``r`` is a softmax
+    ``p_r`` of ``y / tau`` over the entries of rank >= r (shifted by its
+    maximum, the r-th largest value), and
+    ``d soft / d y_j = sum_r p_rj (g_j - sum_i g_i p_ri) / tau``. The draws are
+    only computed in the backward pass.
+
+    ``axis`` may be a middle axis: DPP works on ``[runs, n, B]`` (a reshape of
+    the group grid) so that no transpose is needed and each comparison is an
+    elementwise op on contiguous ``[runs, B]`` slices.
     """
-    n = int(y.shape[-1])
+    n = int(y.shape[axis])
     # 0-based rank of entry i: i + #{j > i: y_j > y_i} - #{j < i: y_i > y_j}, i.e. the
     # entries before it (larger, or equal with a lower index), one comparison per pair.
-    cols = ops.unstack(y, n, axis=-1)
+    cols = ops.unstack(y, n, axis=axis)
     counts = [i for i in range(n)]
     for i in range(n):
         for j in range(i + 1, n):
             c = ops.cast(ops.greater(cols[j], cols[i]), "int32")  # j before i
             counts[i] = counts[i] + c
             counts[j] = counts[j] - c
-    rank0 = ops.stack([ops.broadcast_to(c, ops.shape(cols[0])) for c in counts], axis=-1)
+    rank0 = ops.stack([ops.broadcast_to(c, ops.shape(cols[0])) for c in counts], axis=axis)
     hard = ops.cast(rank0 < k, y.dtype)
     tau = ops.cast(tau, y.dtype)
 
     @ops.custom_gradient
     def relaxed(y):
-        y = ops.stop_gradient(y)
-        draws = []
-        for r in range(k):
-            left = rank0 >= r  # not drawn before draw r
-            top = ops.max(ops.where(left, y, -np.inf), axis=-1, keepdims=True)
-            e = ops.where(left, ops.exp((y - top) / tau), 0.0)  # exponents <= 0 where left
-            draws.append(e / ops.sum(e, axis=-1, keepdims=True))
-        soft = draws[0]
-        for p in draws[1:]:
-            soft = soft + p
+        def grad(*args, upstream=None):
+            g = args[0] if upstream is None else upstream
+            ys = ops.stop_gradient(y) / tau
+            out = 0.0
+            for r in range(k):
+                if r == 0:
+                    e = ops.exp(ys - ops.max(ys, axis=axis, keepdims=True))
+                else:
+                    left = rank0 >= r  # not drawn before draw r
+                    top = ops.max(ops.where(left, ys, -np.inf), axis=axis, keepdims=True)
+                    e = ops.where(left, ops.exp(ys - top), 0.0)  # exponents <= 0 where left
+                p = e / ops.sum(e, axis=axis, keepdims=True)
+                out = out + p * (g - ops.sum(g * p, axis=axis, keepdims=True))
+            return out / tau
+
+        return hard, grad
+
+    return relaxed(y)
+
+
+def _entropy_runs(x, axis):
+    """``sum over runs of H(softmax(x along axis))`` with a hand-written gradient.
+
+    ``dH/dx_j = -p_j (log p_j + H_run)``; entries with ``p = 0`` (padding) add 0.
+    """
+
+    @ops.custom_gradient
+    def entropy(x):
+        x = ops.stop_gradient(x)
+        z = x - ops.max(x, axis=axis, keepdims=True)
+        ez = ops.exp(z)
+        s = ops.sum(ez, axis=axis, keepdims=True)
+        logp = z - ops.log(s)
+        p = ez / s
+        plogp = p * logp
+        h_run = -ops.sum(plogp, axis=axis, keepdims=True)
 
         def grad(*args, upstream=None):
             g = args[0] if upstream is None else upstream
-            out = 0.0
-            for p in draws:
-                out = out + p * (g - ops.sum(g * p, axis=-1, keepdims=True))
-            return out / tau
+            return (-g) * (plogp + p * h_run)
 
-        return soft, grad
+        return ops.sum(h_run), grad
 
-    soft = relaxed(y)
-    return hard + (soft - ops.stop_gradient(soft))
+    return entropy(x)
 
 
 @dataclasses.dataclass
@@ -232,16 +261,20 @@ class _Entry:
         return math.ceil(self.grid[0] / self.n)
 
     def to_runs(self, x, pad_value):
-        """``[A, B]`` -> ``[R, B, n]`` (a trailing short run padded with ``pad_value``)."""
+        """``[A, B]`` -> ``[R, n, B]`` (a trailing short run padded with ``pad_value``).
+
+        A reshape only (no copy): the runs are along axis 1.
+        """
         a, b = self.grid
         pad = self.runs * self.n - a
         if pad:
             x = ops.pad(x, [(0, pad), (0, 0)], constant_values=pad_value)
-        return ops.transpose(ops.reshape(x, (self.runs, self.n, b)), (0, 2, 1))
+        return ops.reshape(x, (self.runs, self.n, b))
 
     def from_runs(self, x):
+        """``[R, n, B]`` -> ``[A, B]``."""
         a, b = self.grid
-        return ops.reshape(ops.transpose(x, (0, 2, 1)), (self.runs * self.n, b))[:a]
+        return ops.reshape(x, (self.runs * self.n, b))[:a]
 
 
 @keras.saving.register_keras_serializable(package=_PKG)
@@ -528,13 +561,20 @@ class DPP(Method):
         for e in self._entries:
             logits = ops.convert_to_tensor(e.logits)
             if training:
-                x = e.to_runs(logits, _NEG)
-                noise = None
+                x = e.to_runs(logits, _NEG)  # [R, n, B]
+                k = min(e.k, e.n)
                 if self.noise_scale > 0:
-                    u = keras.random.uniform(tuple(x.shape), minval=1e-12, maxval=1.0,
-                                             seed=self._seed_generator)
-                    noise = -self.noise_scale * ops.log(-ops.log(u))
-                out[e.name] = e.from_runs(relaxed_topk_mask(x, min(e.k, e.n), tau, noise))
+                    # Drawn as [R, B, n] (run last), the layout of the first releases, so a
+                    # seed gives the same masks; moved to [R, n, B] without a gradient.
+                    u = keras.random.uniform((e.runs, e.grid[1], e.n), minval=1e-12,
+                                             maxval=1.0, seed=self._seed_generator)
+                    x = x + ops.transpose(-self.noise_scale * ops.log(-ops.log(u)), (0, 2, 1))
+                if e.n <= _PAIRWISE_MAX_N:
+                    mask = _relaxed_topk_short(x, k, tau, axis=1)
+                else:
+                    x = ops.transpose(x, (0, 2, 1))
+                    mask = ops.transpose(relaxed_topk_mask(x, k, tau), (0, 2, 1))
+                out[e.name] = e.from_runs(mask)
             else:
                 out[e.name] = structures_lib.k_of_n_mask(logits, e.k, e.n)
         return out
@@ -543,9 +583,7 @@ class DPP(Method):
         """``sum over runs of H(softmax(logits of the run))`` over all kernels (tensor)."""
         total = 0.0
         for e in self._entries:
-            x = e.to_runs(ops.convert_to_tensor(e.logits), _NEG)
-            logp = ops.log_softmax(x, axis=-1)
-            total = total - ops.sum(ops.exp(logp) * logp)
+            total = total + _entropy_runs(e.to_runs(ops.convert_to_tensor(e.logits), _NEG), 1)
         return total
 
     def effective_variables(self, wrapper, training):
