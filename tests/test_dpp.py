@@ -1,13 +1,10 @@
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from two_cpus import run_on_two_cpus
 
 import tfprune
 from tfprune import methods, structures
@@ -448,17 +445,8 @@ def _wrapper_named(name, method):
     return w
 
 
-_MIRRORED = textwrap.dedent("""
-    import os
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras, numpy as np, tfprune
+_MIRRORED = """
     from tfprune.methods import DPP
-    keras.utils.set_random_seed(0)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     x = np.random.default_rng(0).normal(size=(64, 12)).astype("float32")
     y = np.arange(64) % 3
     with strategy.scope():
@@ -476,11 +464,9 @@ _MIRRORED = textwrap.dedent("""
     kernel = tfprune.strip(pruned).get_layer("dense").kernel.numpy()
     assert ((kernel != 0).reshape(3, 4, 16).sum(1) == 2).all()
     print("MIRRORED_OK", strategy.num_replicas_in_sync)
-""")
+"""
 
 
 def test_mirrored_strategy_trains_one_epoch():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-c", _MIRRORED], capture_output=True, text=True,
-                          timeout=240, env=env)
+    proc = run_on_two_cpus(_MIRRORED)
     assert "MIRRORED_OK 2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
