@@ -78,29 +78,19 @@ class LayerHandler:
     Attributes:
         kernels: the prunable kernels (`KernelSpec`).
         bias: attribute name of the bias, or None.
-        units_attr: config key holding the number of output units.
     """
 
     kernels: tuple
     bias: str | None = "bias"
 
-    def kernel_specs(self):
-        return self.kernels
-
     def unit_spec(self):
+        """The `KernelSpec` whose output axis is the layer's units."""
         return next(k for k in self.kernels if k.produces_units)
 
-    def variable(self, layer, name):
-        var = getattr(layer, name, None)
-        if var is None:
-            return None
-        # Keras exposes some kernels as read-only properties returning the variable.
-        return var
-
     def num_units(self, layer):
+        """Number of output units of ``layer``."""
         spec = self.unit_spec()
-        var = self.variable(layer, spec.name)
-        return canonical_shape(var.shape, spec.layout)[2]
+        return canonical_shape(getattr(layer, spec.name).shape, spec.layout)[2]
 
 
 _DENSE = LayerHandler(kernels=(KernelSpec("kernel"),))

@@ -10,11 +10,8 @@ import numpy as np
 
 from tfprune import handlers
 from tfprune._utils import iter_layers
-from tfprune.handlers import TRANSPOSED, canonical_shape, to_canonical
+from tfprune.handlers import TRANSPOSED, to_canonical
 from tfprune.wrapper import PruneWrapper
-
-KEYS = ("layer", "type", "params", "nonzero", "sparsity", "units", "units_kept", "flops",
-        "flops_kept", "zeros_in_units", "zeros_in_blocks")
 
 
 @dataclasses.dataclass
@@ -211,4 +208,4 @@ def layer_sparsity(layer):
     return row["sparsity"]
 
 
-__all__ = ["Report", "sparsity_report", "layer_sparsity", "canonical_shape"]
+__all__ = ["Report", "sparsity_report", "layer_sparsity"]
