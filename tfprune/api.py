@@ -14,7 +14,7 @@ from tfprune.wrapper import PruneWrapper, find_wrappers
 def _check_model(model, fn):
     if not isinstance(model, keras.Model):
         raise TypeError(f"{fn}: `model` must be a keras.Model, got {type(model).__name__}.")
-    if not isinstance(model, (keras.Sequential, keras.Model)) or not _is_graph_model(model):
+    if not _is_graph_model(model):
         hint = ("Wrap the layers of a subclassed model with tfprune.PruneWrapper(layer, method) "
                 "directly in its __init__ (see the FAQ 'Subclassed models').")
         if fn == "strip":
@@ -37,7 +37,7 @@ def _is_graph_model(model):
 
 def _resolve_targets(model, method, layers):
     """Returns ``{layer name: Method}`` for the layers to wrap."""
-    all_layers = [layer for layer in _leaf_layers(model)]
+    all_layers = list(_leaf_layers(model))
     by_name = {layer.name: layer for layer in all_layers}
     targets = {}
     if layers is None:

@@ -18,14 +18,10 @@ from tfprune.methods.base import MaskedMethod
 
 
 def _effective_unit_norms(wrapper, idx):
-    from tfprune.handlers import to_canonical
-
+    """L2 norms of the masked kernel slices of units ``idx`` (the method's own unit scores)."""
     spec = wrapper.handler.unit_spec()
-    kernel = np.asarray(getattr(wrapper.layer, spec.name).numpy())
-    mask = np.asarray(wrapper.method._masks[spec.name].numpy())
-    canon = np.asarray(to_canonical(kernel * mask, spec.layout))
-    norms = np.sqrt(np.square(canon).sum(axis=(0, 1)))
-    return norms[np.asarray(idx)]
+    squared = np.asarray(wrapper.method.group_scores(wrapper, spec)).reshape(-1)  # [O, 1] grid
+    return np.sqrt(squared)[np.asarray(idx)]
 
 
 class Coupling:
