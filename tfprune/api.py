@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 
@@ -29,6 +31,18 @@ def _check_model(model, fn):
             "first layer an input shape (keras.Input) before pruning.")
 
 
+def fresh_copy(layer):
+    """A new, unbuilt layer with ``layer``'s config (for cloning a model in memory).
+
+    A `keras.layers.Lambda` is rebuilt from its in-memory function (its config
+    holds Python bytecode, which Keras refuses to load in safe mode: that
+    guard is for files, not for a model the user already holds).
+    """
+    if isinstance(layer, keras.layers.Lambda):
+        return keras.layers.Lambda.from_config(layer.get_config(), safe_mode=False)
+    return layer.__class__.from_config(layer.get_config())
+
+
 def _is_graph_model(model):
     from keras.src.models.functional import Functional
 
@@ -36,32 +50,50 @@ def _is_graph_model(model):
 
 
 def _resolve_targets(model, method, layers):
-    """Returns ``{layer name: Method}`` for the layers to wrap."""
+    """Returns ``{layer name: Method}`` for the layers to wrap.
+
+    A layer whose units reach a model output (see `_units_that_must_stay`)
+    never loses units: under ``layers=None`` or a callable it gets the
+    method's unit-keeping variant (`_keep_units`) or stays unwrapped; a layer
+    named in ``layers`` with a unit-removing method raises.
+    """
     all_layers = list(_leaf_layers(model))
     by_name = {layer.name: layer for layer in all_layers}
     targets = {}
+    keep = _LazyKeep(model)
     if layers is None:
         method = methods_base.get(method)
-        outputs = _output_layer_names(model)
-        output_method = _keep_units(method)
         for layer in all_layers:
             if handlers.get_handler(layer) is None:
                 continue
-            if layer.name not in outputs:
-                targets[layer.name] = method
-            elif output_method is not None:
-                targets[layer.name] = output_method
+            m = keep.variant(layer, method)
+            if m is not None:
+                targets[layer.name] = m
+        if not targets:
+            kept = [layer.name for layer in all_layers
+                    if handlers.get_handler(layer) is not None]
+            if kept:
+                raise ValueError(
+                    f"prune: nothing to prune in model '{model.name}' with {method!r}: its only "
+                    f"supported layers ({', '.join(kept)}) produce units that reach a model "
+                    "output, and a structure that removes units leaves them dense. Use a "
+                    "weight-level structure (e.g. structures.Unstructured()) for them, or add "
+                    "hidden layers.")
     elif callable(layers) and not isinstance(layers, (list, tuple, str)):
+        if method is not None:
+            raise ValueError(
+                "prune: give either `method` or a callable `layers` that returns a method per "
+                f"layer, not both (method={method!r}); to use one method for some layers, "
+                "return it from the callable.")
         for layer in all_layers:
+            if handlers.get_handler(layer) is None:
+                continue  # the callable is consulted only for layers tfprune can prune
             m = layers(layer)
             if m is None:
                 continue
-            if handlers.get_handler(layer) is None:
-                raise ValueError(
-                    f"prune: `layers` returned a method for layer '{layer.name}' of type "
-                    f"{type(layer).__name__}, which is not supported; supported types: "
-                    f"{', '.join(handlers.supported_layer_types())}.")
-            targets[layer.name] = methods_base.get(m)
+            m = keep.variant(layer, methods_base.get(m), warn=True)
+            if m is not None:
+                targets[layer.name] = m
     else:
         if isinstance(layers, str):
             layers = [layers]
@@ -75,16 +107,27 @@ def _resolve_targets(model, method, layers):
                     f"prune: `layers` names '{name}' of type {type(by_name[name]).__name__}, "
                     f"which is not supported; supported types: "
                     f"{', '.join(handlers.supported_layer_types())}.")
-            targets[name] = method
+            m = keep.variant(by_name[name], method, warn=True, named=True)
+            if m is None:
+                raise ValueError(
+                    f"prune: `layers` names '{name}', whose units reach a model output "
+                    f"({keep.reason(name)}); {method!r} would remove some of them and change "
+                    "what the model outputs. Use a weight-level structure for this layer "
+                    "(e.g. layers=lambda l: ...), or leave it out of `layers`.")
+            targets[name] = m
     return targets
 
 
-def _keep_units(method):
-    """The variant of ``method`` for a layer producing a model output, or None to skip it.
+def _removes_units(method):
+    return method.structure.removes_units or bool(getattr(method, "prune_units", False))
 
-    A model's outputs must keep all their units: a structure that removes
-    units leaves output layers dense; a method that prunes dead units on its
-    own (``prune_units=True``, e.g. Turbo-VBI) gets ``prune_units=False`` there.
+
+def _keep_units(method):
+    """The variant of ``method`` for a layer whose units must stay, or None to skip it.
+
+    A structure that removes units leaves such layers dense; a method that
+    prunes dead units on its own (``prune_units=True``, e.g. Turbo-VBI) gets
+    ``prune_units=False`` there.
     """
     if method.structure.removes_units:
         return None
@@ -93,8 +136,60 @@ def _keep_units(method):
     return method
 
 
+class _LazyKeep:
+    """The layers whose units must stay, computed from the dependency graph when first needed."""
+
+    def __init__(self, model):
+        self._model = model
+        self._reasons = None
+
+    def reason(self, name):
+        if self._reasons is None:
+            self._reasons = _units_that_must_stay(self._model)
+        return self._reasons.get(name)
+
+    def variant(self, layer, method, warn=False, named=False):
+        """``method`` itself, its unit-keeping variant, or None (leave ``layer`` dense)."""
+        if not _removes_units(method) or self.reason(layer.name) is None:
+            return method
+        variant = _keep_units(method)
+        if warn and not (named and variant is None):  # a named layer left dense raises
+            what = "left dense" if variant is None else f"pruned with {variant!r}"
+            warnings.warn(
+                f"prune: layer '{layer.name}' keeps all its units ({self.reason(layer.name)}): "
+                f"it is {what} instead of {method!r}.", stacklevel=4)
+        return variant
+
+
+def _units_that_must_stay(model):
+    """``{layer name: reason}`` for the producer layers whose units can never be removed.
+
+    From `tfprune.surgery.DependencyGraph`: a layer keeps its units when any
+    of them reaches a model output through unit-preserving ops (activations,
+    softmax, reshapes, dropout, ``Add``...), or is read by an operation the
+    graph cannot follow (which may pass it on to an output). Removing such a
+    unit would change the model's outputs (e.g. drop classes) or could not be
+    undone by `tfprune.shrink`.
+    """
+    from tfprune.surgery.graph import DependencyGraph
+
+    try:
+        graph = DependencyGraph(model)
+    except (TypeError, ValueError) as e:  # no graph: fall back to the output producers
+        warnings.warn(f"prune: could not follow the channels of model '{model.name}' ({e}); "
+                      "only the layers producing its outputs keep their units.", stacklevel=4)
+        return dict.fromkeys(_output_layer_names(model), "produces a model output")
+    reasons = {}
+    for group in graph.groups:
+        if group.blocked_reason is None:
+            continue
+        for layer, _ in group.producers:
+            reasons.setdefault(layer.name, group.blocked_reason)
+    return reasons
+
+
 def _output_layer_names(model):
-    """Names of the layers that produce the model's outputs (their units are never removed)."""
+    """Names of the layers that produce the model's outputs."""
     names = set()
     for tensor in keras.tree.flatten(model.outputs):
         layer, _, _ = tensor._keras_history
@@ -180,21 +275,27 @@ def prune(model, method=None, *, layers=None):
         model: a built Sequential or Functional `keras.Model` (nested models
             are handled). Subclassed models raise a `ValueError`: wrap their
             layers with `PruneWrapper` directly.
-        method: a `tfprune.methods.Method` used for every selected layer.
-        layers: None (every supported layer; the layers producing the
-            model's outputs keep all their units: with a structure that
-            removes units they are left dense, a method with
-            ``prune_units=True`` gets ``prune_units=False`` there),
-            a list of layer names, or a
-            callable ``layer -> Method or None`` for per-layer methods (then
-            ``method`` may be None).
+        method: a `tfprune.methods.Method` used for every selected layer
+            (None with a callable ``layers``).
+        layers: None (every supported layer), a list of layer names, or a
+            callable ``layer -> Method or None`` for per-layer methods,
+            consulted only for the layers tfprune supports (then ``method``
+            must be None). Layers whose units reach a model output (through
+            activations, softmax, reshapes, dropout, ``Add``..., found with
+            `tfprune.surgery.DependencyGraph`) keep all their units: with a
+            structure that removes units they are left dense, a method with
+            ``prune_units=True`` gets ``prune_units=False`` there (with a
+            warning when a callable chose the method); naming such a layer
+            with a unit-removing structure raises.
 
     Returns:
         A new `keras.Model` (not compiled).
 
     Raises:
         ValueError: subclassed or unbuilt model, unknown or unsupported layer
-            names, non-finite weights.
+            names, a named layer whose units reach an output with a
+            unit-removing structure, ``method`` given with a callable
+            ``layers``, non-finite weights.
 
     Example:
         >>> import keras, tfprune
@@ -222,7 +323,7 @@ def prune(model, method=None, *, layers=None):
     followers = _bn_followers(model, targets)
 
     def clone_fn(layer):
-        new = layer.__class__.from_config(layer.get_config())
+        new = fresh_copy(layer)
         if layer.name in targets:
             return PruneWrapper(new, targets[layer.name])
         if layer.name in followers:
@@ -266,8 +367,7 @@ def strip(model):
     _check_model(model, "strip")
 
     def clone_fn(layer):
-        inner = layer.layer if isinstance(layer, PruneWrapper) else layer
-        return inner.__class__.from_config(inner.get_config())
+        return fresh_copy(layer.layer if isinstance(layer, PruneWrapper) else layer)
 
     plain = keras.models.clone_model(model, clone_function=clone_fn, recursive=True)
 
