@@ -1,9 +1,10 @@
 """Schedules: tfmot's semantics (when to prune, to what sparsity), configs and arguments."""
 
 import keras
+import numpy as np
 import pytest
 
-from tfprune import schedules
+from tfprune import schedules, structures
 
 
 def _poly(step, initial, final, begin, end, power):
@@ -104,9 +105,41 @@ def test_get_resolves_none_and_instances_and_rejects_the_rest():
     (lambda: schedules.PolynomialDecay(0.0, 0.5, 5, 5), ValueError, "end_step"),
     (lambda: schedules.PolynomialDecay(0.0, 0.5, 10, 5), ValueError, "end_step"),
     (lambda: schedules.PolynomialDecay(0.0, 0.5, 0, 10, power=0), ValueError, "power"),
-    (lambda: schedules.PolynomialDecay(0.0, 0.5, 0, 10, power="3"), ValueError, "power"),
+    (lambda: schedules.PolynomialDecay(0.0, 0.5, 0, 10, power="3"), TypeError, "power"),
     (lambda: schedules.PolynomialDecay(0.0, 0.5, 0, 10, frequency=0), ValueError, "frequency"),
 ])
 def test_bad_arguments_raise_naming_the_argument(make, exc, arg):
     with pytest.raises(exc, match=f"`{arg}`"):
         make()
+
+
+@pytest.mark.parametrize("power", [float("nan"), float("inf"), -1.0, 0, np.float32("nan")])
+def test_polynomial_decay_rejects_non_finite_or_non_positive_power(power):
+    with pytest.raises(ValueError, match="`power` must be a finite number > 0"):
+        schedules.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=10, power=power)
+
+
+@pytest.mark.parametrize("power", ["3", True, None])
+def test_polynomial_decay_rejects_a_power_that_is_not_a_number(power):
+    with pytest.raises(TypeError, match="`power` must be a positive number"):
+        schedules.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=10, power=power)
+
+
+def test_numpy_integers_and_floats_are_accepted_like_tfmot_and_serialize_as_json():
+    import json
+
+    poly = schedules.PolynomialDecay(np.float32(0.0), np.float64(0.5), begin_step=np.int64(0),
+                                     end_step=np.int32(10), power=np.int64(2),
+                                     frequency=np.int64(5))
+    const = schedules.ConstantSparsity(np.float32(0.5), begin_step=np.int64(2),
+                                       end_step=np.int64(20), frequency=np.int32(2))
+    for s in (poly, const):
+        config = s.get_config()
+        assert all(type(v) in (int, float) for v in config.values())
+        json.dumps(keras.saving.serialize_keras_object(s))
+    assert poly(10) == (True, 0.5) and const(4) == (True, 0.5)
+
+
+def test_structures_accept_numpy_integers():
+    assert structures.KOutOfN(np.int64(2), np.int32(4)).get_config()["k"] == 2
+    assert structures.Block((np.int64(4), np.int64(1))).shape == (4, 1)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import keras
+import numpy as np
 
 
 def iter_layers(model):
@@ -25,9 +29,25 @@ def check_fraction(value, name, *, owner, allow_one=False):
     return v
 
 
+def is_int(value):
+    """True for Python and NumPy integers (not bools), as tfmot accepts."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def check_int(value, name, *, owner, minimum=None):
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Checks that ``value`` is an integer (Python or NumPy) >= ``minimum``; returns an int."""
+    if not is_int(value):
         raise TypeError(f"{owner}: `{name}` must be an int, got {value!r}.")
+    value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{owner}: `{name}` must be >= {minimum}, got {value!r}.")
     return value
+
+
+def check_positive(value, name, *, owner):
+    """Checks that ``value`` is a finite real number > 0 (Python or NumPy); returns a float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: `{name}` must be a positive number, got {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{owner}: `{name}` must be a finite number > 0, got {value!r}.")
+    return float(value)

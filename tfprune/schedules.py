@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import keras
 
-from tfprune._utils import check_fraction, check_int
+from tfprune._utils import check_fraction, check_int, check_positive
 
 _PKG = "tfprune"
 
@@ -47,15 +47,17 @@ class PruningSchedule:
 
 
 def _check_steps(owner, begin_step, end_step, frequency, *, need_end=False):
-    check_int(begin_step, "begin_step", owner=owner, minimum=0)
-    check_int(end_step, "end_step", owner=owner, minimum=-1)
-    check_int(frequency, "frequency", owner=owner, minimum=1)
+    """Validates the step arguments (Python or NumPy ints); returns them as Python ints."""
+    begin_step = check_int(begin_step, "begin_step", owner=owner, minimum=0)
+    end_step = check_int(end_step, "end_step", owner=owner, minimum=-1)
+    frequency = check_int(frequency, "frequency", owner=owner, minimum=1)
     if need_end and end_step < 0:
         raise ValueError(f"{owner}: `end_step` must be >= 0, got {end_step}.")
     if end_step != -1 and end_step < begin_step:
         raise ValueError(
             f"{owner}: `end_step` ({end_step}) must be >= `begin_step` ({begin_step}) or -1."
         )
+    return begin_step, end_step, frequency
 
 
 @keras.saving.register_keras_serializable(package=_PKG)
@@ -77,8 +79,8 @@ class ConstantSparsity(PruningSchedule):
     def __init__(self, target_sparsity, begin_step, end_step=-1, frequency=100):
         self.target_sparsity = check_fraction(target_sparsity, "target_sparsity",
                                               owner="ConstantSparsity")
-        _check_steps("ConstantSparsity", begin_step, end_step, frequency)
-        self.begin_step, self.end_step, self.frequency = begin_step, end_step, frequency
+        self.begin_step, self.end_step, self.frequency = _check_steps(
+            "ConstantSparsity", begin_step, end_step, frequency)
 
     @property
     def final_sparsity(self):
@@ -119,13 +121,14 @@ class PolynomialDecay(PruningSchedule):
         owner = "PolynomialDecay"
         self.initial_sparsity = check_fraction(initial_sparsity, "initial_sparsity", owner=owner)
         self.final_sparsity_ = check_fraction(final_sparsity, "final_sparsity", owner=owner)
-        _check_steps(owner, begin_step, end_step, frequency, need_end=True)
+        begin_step, end_step, frequency = _check_steps(owner, begin_step, end_step, frequency,
+                                                       need_end=True)
         if end_step == begin_step:
             raise ValueError(f"{owner}: `end_step` must be > `begin_step`, got {end_step}.")
-        if not isinstance(power, (int, float)) or power <= 0:
-            raise ValueError(f"{owner}: `power` must be a positive number, got {power!r}.")
+        power = check_positive(power, "power", owner=owner)
         self.begin_step, self.end_step = begin_step, end_step
-        self.power, self.frequency = power, frequency
+        self.power = int(power) if power.is_integer() else power
+        self.frequency = frequency
 
     @property
     def final_sparsity(self):

@@ -27,7 +27,7 @@ import math
 import keras
 from keras import ops
 
-from tfprune._utils import check_int
+from tfprune._utils import check_int, is_int
 
 _PKG = "tfprune"
 
@@ -182,11 +182,11 @@ class Block(Structure):
 
     def __init__(self, shape=(4, 1)):
         ok = isinstance(shape, (tuple, list)) and len(shape) == 2 and all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+            is_int(d) and d >= 1 for d in shape)
         if not ok:
             raise ValueError(
                 f"Block: `shape` must be a pair (bi, bo) of positive ints, got {shape!r}.")
-        self.shape = tuple(shape)
+        self.shape = tuple(int(d) for d in shape)
 
     def get_config(self):
         return {"shape": list(self.shape)}
@@ -232,8 +232,8 @@ class KOutOfN(Structure):
     """
 
     def __init__(self, k, n, of=None):
-        check_int(n, "n", owner="KOutOfN", minimum=1)
-        check_int(k, "k", owner="KOutOfN", minimum=1)
+        n = check_int(n, "n", owner="KOutOfN", minimum=1)
+        k = check_int(k, "k", owner="KOutOfN", minimum=1)
         if k > n:
             raise ValueError(f"KOutOfN: `k` must satisfy 1 <= k <= n (n={n}), got k={k}.")
         of = get(of) if of is not None else Unstructured()
