@@ -73,3 +73,12 @@ def test_coupled_filter_pruning_shrinks_exactly():
     np.testing.assert_allclose(small.predict(x, verbose=0), plain.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-5)
 
+
+
+def test_coupled_group_keeps_a_multiple_of_round_to():
+    pruned, _ = _fit(_residual(), methods.Magnitude(0.7, structure=structures.Filter(round_to=4)))
+    masks = {w.name: w.method.unit_mask(w) for w in find_wrappers(pruned)
+             if not isinstance(w.method, methods.Follow)}
+    np.testing.assert_array_equal(masks["stem"], masks["b2"])
+    assert masks["b2"].sum() == 4  # 16 - round(0.7 * 16) = 5 kept -> 4
+    assert masks["b1"].sum() == 4

@@ -277,3 +277,44 @@ def test_structures_compare_by_config():
 def test_repr_is_readable_in_error_messages():
     assert repr(S.KOutOfN(2, 4, of=S.Block((4, 1)))) == "KOutOfN(k=2, n=4, of=Block(shape=[4, 1]))"
     assert repr(S.Filter()) == "Filter()"
+
+
+# -- Filter(round_to) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("round_to,keep,total,expected", [
+    (1, 13, 64, 13), (8, 13, 64, 16), (8, 11, 64, 8), (8, 3, 64, 8), (8, 13, 14, 14),
+    (4, 64, 64, 64), (4, 62, 64, 64), (4, 61, 64, 60)])
+def test_filter_round_keep_gives_a_multiple_of_round_to_or_all(round_to, keep, total, expected):
+    assert S.Filter(round_to=round_to).round_keep(keep, total) == expected
+
+
+@pytest.mark.parametrize("round_to", [0, -4, 2.5, "8", True])
+def test_filter_round_to_must_be_a_positive_int(round_to):
+    with pytest.raises((ValueError, TypeError), match="Filter: `round_to`"):
+        S.Filter(round_to=round_to)
+
+
+def test_filter_round_to_serializes_and_equality_sees_it():
+    s = S.Filter(round_to=8)
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(s))
+    assert again == s and again.round_to == 8
+    assert S.Filter() != s and S.Filter() == S.Filter(round_to=1)
+    assert repr(s) == "Filter(round_to=8)"
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7, 0.9])
+def test_magnitude_filter_round_to_keeps_a_multiple_of_round_to_units(sparsity):
+    import tfprune
+    from tfprune import methods
+
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(40, name="h"),
+                              keras.layers.Dense(3, name="out")])
+    pruned = tfprune.prune(model, methods.Magnitude(
+        sparsity, structure=S.Filter(round_to=8)))
+    x = np.random.default_rng(0).normal(size=(8, 16)).astype("float32")
+    pruned.compile("sgd", "mse")
+    pruned.fit(x, np.zeros((8, 3)), epochs=1, verbose=0, callbacks=[tfprune.callbacks.Pruning()])
+    kept = int(pruned.get_layer("h").method.unit_mask(pruned.get_layer("h")).sum())
+    assert kept % 8 == 0 and kept == S.Filter(round_to=8).round_keep(
+        40 - round(sparsity * 40), 40)
+    assert tfprune.shrink(tfprune.strip(pruned)).get_layer("h").units == kept

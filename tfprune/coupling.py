@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from tfprune.methods.base import MaskedMethod
+from tfprune.structures import Filter
 
 
 def _effective_unit_norms(wrapper, idx):
@@ -70,6 +71,8 @@ class Coupling:
             for w, idx in members:
                 scores += _effective_unit_norms(w, idx)
             keep = size - int(round(sparsity * size))
+            round_to = max(getattr(w.method.structure, "round_to", 1) for w, _ in members)
+            keep = Filter(round_to).round_keep(keep, size)
             order = np.argsort(-scores, kind="stable")
             group_mask = np.zeros(size, "float32")
             group_mask[order[:keep]] = 1.0

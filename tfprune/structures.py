@@ -148,11 +148,40 @@ class Filter(Structure):
     follows gets its scale and offset masked, so a pruned unit outputs exactly
     zero and `tfprune.shrink` can remove it.
 
+    Args:
+        round_to: the number of units each layer keeps is a multiple of
+            ``round_to`` (or all of them), so that a shrunk layer keeps a
+            SIMD-friendly width (e.g. 4 or 8 for LiteRT's XNNPACK kernels).
+            The kept count is rounded to the nearest multiple (at least one
+            multiple).
+
     Example:
         >>> m = methods.Magnitude(0.5, structure=structures.Filter())
+        >>> m = methods.Magnitude(0.5, structure=structures.Filter(round_to=8))
     """
 
     removes_units = True
+
+    def __init__(self, round_to=1):
+        self.round_to = check_int(round_to, "round_to", owner="Filter", minimum=1)
+
+    def get_config(self):
+        return {"round_to": self.round_to} if self.round_to != 1 else {}
+
+    def round_keep(self, keep, total):
+        """The number of units to keep: ``keep`` rounded to a multiple of `round_to`, or all.
+
+        Example:
+            >>> structures.Filter(round_to=8).round_keep(13, 64)
+            16
+            >>> structures.Filter(round_to=8).round_keep(13, 14)
+            14
+        """
+        keep, total = int(keep), int(total)
+        if self.round_to == 1 or keep >= total:
+            return min(keep, total)
+        keep = self.round_to * max(1, int(math.floor(keep / self.round_to + 0.5)))
+        return min(keep, total)
 
     def grid_shape(self, canon_shape):
         return canon_shape[2], 1
@@ -342,10 +371,14 @@ def k_of_n_mask(scores, k, n):
 def select_groups(structure, group_scores, sparsity):
     """Group mask on the grid: exact k-of-n for `KOutOfN`, else the exact sparsity.
 
-    The number of removed groups is ``round(sparsity * num_groups)``.
+    The number of removed groups is ``round(sparsity * num_groups)`` (for
+    `Filter` with ``round_to > 1``, the kept count is then rounded with
+    `Filter.round_keep`).
     """
     if isinstance(structure, KOutOfN):
         return k_of_n_mask(group_scores, structure.k, structure.n)
     total = math.prod(group_scores.shape)
     keep = total - int(round(sparsity * total))
+    if isinstance(structure, Filter):
+        keep = structure.round_keep(keep, total)
     return top_fraction_mask(group_scores, keep)
