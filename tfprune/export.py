@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import json
 import os
 import re
 import time
@@ -91,18 +92,52 @@ def _strip_wrappers(model):
     return model
 
 
-def _representative_samples(data, n_inputs):
-    """Yields one calibration sample at a time: a list of ``n_inputs`` float32 arrays, batch 1."""
+def _representative_samples(data, names):
+    """Yields one calibration sample at a time, batch 1, as float32 arrays.
+
+    A single-input model gets a list ``[array]``; a multi-input model gets a
+    dict ``{input name: array}``, so that the converter's calibrator pairs the
+    arrays with the model inputs by name (the TFLite input order is not the
+    Keras one). Lists of arrays are in the Keras input order (``names``).
+
+    Raises:
+        ValueError: If the data holds no samples, the wrong number of input
+            arrays, unknown input names, or a NaN or infinite value.
+    """
+    n_inputs = len(names)
 
     def split(arrays):
         arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
         if not len(arrays[0]):
             raise ValueError("export_tflite: `representative_data` holds no samples.")
+        for name, a in zip(names, arrays, strict=True):
+            finite = np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+            if not finite.all():
+                raise ValueError(
+                    f"export_tflite: `representative_data` for input '{name}' holds NaN or "
+                    f"infinite values (sample {int(np.argmin(finite))} of its batch); "
+                    f"calibration needs finite inputs, or the converter silently leaves the "
+                    f"model in float. Remove or fix those samples."
+                )
         for i in range(len(arrays[0])):
-            yield [a[i : i + 1] for a in arrays]
+            parts = [a[i : i + 1] for a in arrays]
+            yield parts if n_inputs == 1 else dict(zip(names, parts, strict=True))
+
+    def from_dict(mapping):
+        missing = [k for k in names if k not in mapping]
+        extra = [k for k in mapping if k not in names]
+        if missing or extra:
+            raise ValueError(
+                f"export_tflite: `representative_data` keys must be the model's input names "
+                f"{names}; got {list(mapping)} (missing {missing}, unknown {extra})."
+            )
+        return [mapping[k] for k in names]
 
     if callable(data):
         data = data()
+    if isinstance(data, dict):  # {input name: array of samples}
+        yield from split(from_dict(data))
+        return
     if hasattr(data, "shape") and not isinstance(data, (list, tuple)):  # one array or tensor
         if n_inputs != 1:
             raise ValueError(
@@ -121,9 +156,11 @@ def _representative_samples(data, n_inputs):
         yield from split(data)
         return
     for batch in data:  # an iterable of batches: arrays, lists of arrays, or (x, y) pairs
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], dict):
+            batch = batch[0]  # ({name: x}, y)
         if isinstance(batch, dict):
-            batch = list(batch.values())
-        if isinstance(batch, (list, tuple)):
+            parts = from_dict(batch)
+        elif isinstance(batch, (list, tuple)):
             parts = list(batch) if n_inputs > 1 else [batch[0]]
         else:
             parts = [batch]
@@ -135,6 +172,157 @@ def _representative_samples(data, n_inputs):
                 f"input arrays, got {len(parts)}."
             )
         yield from split(parts)
+
+
+_INPUT_NAMES_METADATA = "tfprune_input_names"
+"""Flatbuffer metadata entry holding the Keras input order (a JSON list of input names)."""
+
+
+def _compute_dtypes(model) -> set:
+    """The compute dtypes of every layer of ``model``, nested models included."""
+    dtypes, stack = set(), [model]
+    while stack:
+        layer = stack.pop()
+        policy = getattr(layer, "dtype_policy", None)
+        if policy is not None and getattr(policy, "compute_dtype", None):
+            dtypes.add(policy.compute_dtype)
+        stack.extend(getattr(layer, "layers", ()) or ())
+    return dtypes
+
+
+def _float32_model(model):
+    """A float32 copy of a mixed-precision (float16/bfloat16 compute) model, same weights.
+
+    LiteRT has no float16 MatMul/Conv kernels, so a ``mixed_float16`` graph does
+    not convert. Every layer is re-created from its config with a float32 dtype
+    policy (`keras.models.clone_model`, nested models included) and the weights
+    (float32 variables under mixed precision) are copied.
+
+    Raises:
+        ValueError: If the model cannot be cloned (e.g. a subclassed model).
+    """
+    import keras
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        if "dtype" in config:
+            config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+        clone.set_weights(model.get_weights())
+    except Exception as e:
+        raise ValueError(
+            f"export_tflite: model '{model.name}' computes in "
+            f"{sorted(_compute_dtypes(model) - {'float32'})} (mixed precision) and could not be "
+            f"rebuilt in float32 ({type(e).__name__}: {e}); LiteRT has no float16 kernels for "
+            f"it. Build the same model under keras.config.set_dtype_policy('float32'), copy the "
+            f"weights with set_weights(model.get_weights()) and export that (use "
+            f"quantize='float16' for float16 weights)."
+        ) from e
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return clone
+
+
+def _subclassed_converter(model, tf):
+    """A converter for a built subclassed model and its input names, in call order.
+
+    The inputs' shapes are those of the model's first call; they are named
+    ``input_0, input_1, ...`` in the flattened order of the call arguments.
+    """
+    import shutil
+    import tempfile
+
+    import keras
+    from keras.src.export.export_utils import get_input_signature
+
+    try:
+        signature = get_input_signature(model)
+    except ValueError as e:
+        raise ValueError(
+            f"export_tflite: subclassed model '{model.name}' has no known input shape; call it "
+            f"once on a batch of data (or build it) before exporting ({e})."
+        ) from e
+    names = []
+
+    def spec(s):
+        names.append(f"input_{len(names)}")
+        return tf.TensorSpec(s.shape, s.dtype or "float32", name=names[-1])
+
+    signature = keras.tree.map_structure(spec, signature)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", lambda *args: model(*args, training=False), signature)
+    directory = tempfile.mkdtemp(prefix="tfprune_export_")
+    try:
+        archive.write_out(directory, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(directory)
+        converter._tfprune_directory = directory  # removed after convert()
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return converter, names
+
+
+def _signature_inputs(interpreter) -> dict:
+    """``{signature input name: input detail}`` of the model's single signature, or {}."""
+    try:
+        if len(interpreter.get_signature_list()) != 1:
+            return {}
+        return dict(interpreter.get_signature_runner().get_input_details())
+    except (ValueError, RuntimeError):
+        return {}
+
+
+def _add_metadata(blob: bytes, name: str, data: bytes) -> bytes:
+    """The flatbuffer with one more (or a replaced) metadata entry ``name`` holding ``data``."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(blob), 0)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(data, dtype=np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = name
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if m.name != name.encode()] + [entry]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _read_metadata(blob: bytes, name: str):
+    """The bytes of metadata entry ``name`` of the flatbuffer, or None."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    root = schema.Model.GetRootAs(blob, 0)
+    for i in range(root.MetadataLength()):
+        entry = root.Metadata(i)
+        if entry.Name() is not None and entry.Name().decode() == name:
+            buffer = root.Buffers(entry.Buffer())
+            return buffer.DataAsNumpy().tobytes() if buffer.DataLength() else b""
+    return None
+
+
+def _check_int8(blob, model_name):
+    """Raises if an int8 export holds no int8 activation (the converter fell back to float)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    constants = set(tflite_weights(blob))
+    for detail in Interpreter(model_content=blob).get_tensor_details():
+        if detail["dtype"] == np.int8 and detail["quantization"][0]:
+            if detail["name"] not in constants:
+                return
+    raise ValueError(
+        f"export_tflite: quantize='int8' gave a model of '{model_name}' with no int8 "
+        f"activations: the converter fell back to float (calibration produced no usable "
+        f"ranges). Check `representative_data` (real, varied input samples)."
+    )
 
 
 def export_tflite(
@@ -234,13 +422,27 @@ def export_tflite(
             f"export_tflite: `sparse=True` is not allowed with quantize={quantize!r}: the sparse "
             f"encoding gives wrong (NaN) outputs there. Use sparse=False or 'auto'."
         )
-    if not model.built or not model.inputs:
+    from keras.src.models.functional import Functional
+
+    graph_model = isinstance(model, (keras.Sequential, Functional))
+    if not model.built or (graph_model and not model.inputs):
         raise ValueError(
             f"export_tflite: model '{model.name}' has no known inputs; build it first "
             f"(e.g. start it with keras.Input(shape) or call it once on data)."
         )
 
     model = _strip_wrappers(model)
+    if _compute_dtypes(model) - {"float32"}:
+        if not graph_model:
+            raise ValueError(
+                f"export_tflite: subclassed model '{model.name}' computes in "
+                f"{sorted(_compute_dtypes(model) - {'float32'})} (mixed precision), which "
+                f"LiteRT cannot run, and only Sequential/Functional models can be rebuilt in "
+                f"float32 here. Create the model under keras.config.set_dtype_policy('float32'), "
+                f"call it once, copy the weights with set_weights(model.get_weights()) and "
+                f"export that (use quantize='float16' for float16 weights)."
+            )
+        model = _float32_model(model)
     if sparse == "auto":
         sparsity, dead_units, units = _kernel_sparsity(model)
         use_sparse = quantize is None and sparsity >= AUTO_SPARSITY_THRESHOLD
@@ -263,7 +465,11 @@ def export_tflite(
             stacklevel=2,
         )
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if graph_model:
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        names = [t.name for t in model.inputs]
+    else:
+        converter, names = _subclassed_converter(model, tf)
     optimizations = set()
     if quantize is not None:
         optimizations.add(tf.lite.Optimize.DEFAULT)
@@ -273,9 +479,8 @@ def export_tflite(
     if quantize == "float16":
         converter.target_spec.supported_types = [tf.float16]
     elif quantize == "int8":
-        n_inputs = len(model.inputs)
         converter.representative_dataset = lambda: _representative_samples(
-            representative_data, n_inputs
+            representative_data, names
         )
         converter.target_spec.supported_ops = [
             tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
@@ -284,9 +489,26 @@ def export_tflite(
         if int8_io:
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
-        blob = converter.convert()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+            # The calibrator pairs dict samples by name with tf.lite's (deprecated) Interpreter.
+            warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter")
+            blob = converter.convert()
+    finally:
+        directory = getattr(converter, "_tfprune_directory", None)
+        if directory is not None:
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)
+    if quantize == "int8":
+        _check_int8(blob, model.name)
+    if len(names) > 1:
+        # The TFLite input order is not the Keras one: record the Keras order so that
+        # run_tflite can pair a list of arrays with the inputs by name.
+        signature = set(_signature_inputs(_interpreter(blob)))
+        if signature == set(names):
+            blob = _add_metadata(blob, _INPUT_NAMES_METADATA, json.dumps(names).encode())
     if path is not None:
         with open(path, "wb") as f:
             f.write(blob)
@@ -372,21 +594,69 @@ def _output_order(interpreter):
     return [by_index[numbered[k]] for k in sorted(numbered)]
 
 
+def _ordered_inputs(blob, interpreter, x):
+    """Pairs the user's arrays with the interpreter's input details.
+
+    Returns ``[(label, detail, array)]`` in the interpreter's input order.
+    """
+    details = interpreter.get_input_details()
+    signature = _signature_inputs(interpreter)
+    by_index = {d["index"]: d for d in details}
+    if isinstance(x, dict):
+        if not signature:
+            raise ValueError(
+                "run_tflite: `x` is a dict but the model has no (single) signature giving its "
+                "input names; pass a list of arrays in the interpreter's input order."
+            )
+        missing = sorted(set(signature) - set(x))
+        extra = sorted(set(x) - set(signature))
+        if missing or extra:
+            raise ValueError(
+                f"run_tflite: `x` keys must be the model's input names {sorted(signature)}; "
+                f"got {sorted(x)} (missing {missing}, unknown {extra})."
+            )
+        return [(k, by_index[signature[k]["index"]], x[k]) for k in signature]
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    if len(xs) != len(details):
+        raise ValueError(
+            f"run_tflite: the model has {len(details)} input(s), got {len(xs)} array(s)."
+        )
+    if len(details) == 1:
+        label = next(iter(signature), details[0]["name"])
+        return [(label, details[0], xs[0])]
+    recorded = _read_metadata(blob, _INPUT_NAMES_METADATA)
+    names = json.loads(recorded.decode()) if recorded is not None else None
+    if names is None or set(names) != set(signature):
+        raise ValueError(
+            f"run_tflite: the model has {len(details)} inputs and its Keras input order is "
+            f"unknown (it was not exported by tfprune.export_tflite), so a list of arrays "
+            f"cannot be paired safely with them; pass a dict keyed by input name "
+            f"{sorted(signature) or [d['name'] for d in details]}."
+        )
+    return [(k, by_index[signature[k]["index"]], a) for k, a in zip(names, xs, strict=True)]
+
+
 def run_tflite(model, x):
     """Runs a TFLite model with the LiteRT interpreter on a batch of inputs.
 
-    The input tensors are resized to the batch size; if the model does not
-    allow that, samples run one at a time. Quantized (int8) inputs and outputs
-    are handled here: inputs are quantized with the input tensor's scale and
-    zero point, outputs dequantized, so callers always pass and get floats.
-    When the default XNNPACK delegate refuses the model, LiteRT's builtin
-    kernels run it.
+    Inputs are paired with the model's input tensors by name: the TFLite input
+    order generally differs from the Keras one. Each array's per-sample shape
+    is checked against the input's shape. The input tensors are resized to
+    the batch size; a model with a fixed batch size runs in chunks of that
+    size. Quantized (int8) inputs and outputs are handled here: inputs are
+    quantized with the input tensor's scale and zero point, outputs
+    dequantized, so callers always pass and get floats. When the default
+    XNNPACK delegate refuses the model, LiteRT's builtin kernels run it.
 
     Args:
         model: The flatbuffer bytes (as returned by `export_tflite`) or a path
             to a ``.tflite`` file.
-        x: A batch: an array whose first axis is the batch, or a list of such
-            arrays, one per model input (in the model's input order).
+        x: A batch: an array whose first axis is the batch (single-input
+            model); a dict ``{input name: array}`` (the Keras input names,
+            kept by the converter; ``input_0, input_1, ...`` for a subclassed
+            model); or a list of arrays in the Keras model's input order
+            (``model.inputs``), for models exported by `export_tflite`, which
+            records that order.
 
     Returns:
         A float ``numpy.ndarray`` with the batch on the first axis, or a list
@@ -394,7 +664,9 @@ def run_tflite(model, x):
 
     Raises:
         TypeError: If ``model`` is neither bytes nor a path.
-        ValueError: If the number of inputs or the batch sizes do not match.
+        ValueError: If the number or names of the inputs, their per-sample
+            shapes or their batch sizes do not match the model, or a list is
+            given for a multi-input model whose Keras input order is unknown.
 
     Example:
         >>> blob = export_tflite(model)  # doctest: +SKIP
@@ -403,21 +675,33 @@ def run_tflite(model, x):
     """
     blob = _load(model)
     probe = _interpreter(blob)
-    in_details = probe.get_input_details()
-    xs = list(x) if isinstance(x, (list, tuple)) else [x]
-    if len(xs) != len(in_details):
-        raise ValueError(
-            f"run_tflite: the model has {len(in_details)} input(s), got {len(xs)} array(s)."
-        )
-    xs = [np.asarray(a) for a in xs]
+    inputs = _ordered_inputs(blob, probe, x)
+    order = {d["index"]: i for i, d in enumerate(probe.get_input_details())}
+    inputs.sort(key=lambda item: order[item[1]["index"]])
+    xs = []
+    for label, detail, a in inputs:
+        a = np.asarray(a)
+        expected = tuple(int(d) for d in detail["shape_signature"])
+        sample = tuple(None if d < 0 else d for d in expected[1:])
+        if a.ndim != len(expected) or any(
+            e is not None and e != g for e, g in zip(sample, a.shape[1:], strict=True)
+        ):
+            raise ValueError(
+                f"run_tflite: input '{label}' takes samples of shape {sample} (a batch of shape "
+                f"{(None, *sample)}), got an array of shape {a.shape}."
+            )
+        xs.append(a)
     n = len(xs[0])
+    if not n:
+        raise ValueError(f"run_tflite: `x` holds no samples (batch of shape {xs[0].shape}).")
     if any(len(a) != n for a in xs):
         raise ValueError(
             f"run_tflite: all inputs need the same batch size, got {[len(a) for a in xs]}."
         )
+    batch = int(inputs[0][1]["shape_signature"][0])
 
-    def invoke(interpreter, batch):
-        for detail, a in zip(interpreter.get_input_details(), batch, strict=True):
+    def invoke(interpreter, arrays):
+        for detail, a in zip(interpreter.get_input_details(), arrays, strict=True):
             interpreter.set_tensor(detail["index"], _quantize_input(a, detail))
         interpreter.invoke()
         return [
@@ -425,15 +709,32 @@ def run_tflite(model, x):
             for d in _output_order(interpreter)
         ]
 
-    try:
-        interpreter = _interpreter(blob, shapes=[a.shape for a in xs])
-        outputs = invoke(interpreter, xs)
-        if any(len(o) != n for o in outputs):
-            raise RuntimeError("output batch size differs from the input batch size")
-    except (RuntimeError, ValueError):  # fixed batch size: one sample at a time
-        interpreter = _interpreter(blob, shapes=[(1,) + a.shape[1:] for a in xs])
-        per_sample = [invoke(interpreter, [a[i : i + 1] for a in xs]) for i in range(n)]
-        outputs = [np.concatenate(parts) for parts in zip(*per_sample, strict=True)]
+    def chunked(size):
+        interpreter = _interpreter(blob, shapes=[(size,) + a.shape[1:] for a in xs])
+        parts = [invoke(interpreter, [a[i : i + size] for a in xs]) for i in range(0, n, size)]
+        for out in parts:
+            if any(len(o) != size for o in out):
+                raise ValueError(
+                    f"run_tflite: the model's outputs do not have the batch on their first "
+                    f"axis (batches of {size} gave {[len(o) for o in out]} rows)."
+                )
+        return [np.concatenate(p) for p in zip(*parts, strict=True)]
+
+    if batch > 0:  # fixed batch size
+        if n % batch:
+            raise ValueError(
+                f"run_tflite: the model has a fixed batch size of {batch}; got a batch of {n} "
+                f"samples, not a multiple of it."
+            )
+        outputs = chunked(batch)
+    else:
+        try:
+            outputs = invoke(_interpreter(blob, shapes=[a.shape for a in xs]), xs)
+        except RuntimeError:  # the graph does not resize: one sample at a time
+            outputs = chunked(1)
+        else:
+            if any(len(o) != n for o in outputs):
+                outputs = chunked(1)
     return outputs[0] if len(outputs) == 1 else outputs
 
 
