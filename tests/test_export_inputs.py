@@ -213,8 +213,9 @@ def test_subclassed_two_input_model_in_call_order():
     blob = export_tflite(model)
     ref = np.asarray(model(xs, training=False))
     np.testing.assert_allclose(run_tflite(blob, xs), ref, atol=1e-5)  # inference: no dropout
-    np.testing.assert_allclose(run_tflite(blob, {"input_0": xs[0], "input_1": xs[1]}), ref,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        run_tflite(blob, {"input_0": xs[0], "input_1": xs[1]}), ref, atol=1e-5
+    )
 
 
 def test_unbuilt_subclassed_model_is_a_clear_error():
