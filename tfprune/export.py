@@ -359,19 +359,33 @@ def export_tflite(
       warning (for runtimes without XNNPACK; `run_tflite` falls back to builtin
       kernels by itself). The gzip-compressed size barely changes there.
 
+    Inputs keep their Keras names in the flatbuffer's signature (subclassed
+    models: ``input_0, input_1, ...`` in the flattened order of the call
+    arguments, with the shapes of the first call). LiteRT orders the input
+    tensors its own way, so for a multi-input model the Keras input order is
+    recorded in the flatbuffer's metadata (``"tfprune_input_names"``), and
+    `run_tflite` pairs arrays with inputs by name.
+
+    A mixed-precision model (``mixed_float16``/``mixed_bfloat16`` compute,
+    which LiteRT cannot run) is rebuilt in float32 with the same weights and
+    that is exported; the global dtype policy is left as it was. Subclassed
+    models cannot be rebuilt: they raise, saying what to do.
+
     Args:
-        model: A built Keras 3 model (Sequential, Functional or subclassed),
-            possibly containing `PruneWrapper` layers.
+        model: A built Keras 3 model (Sequential, Functional or subclassed and
+            called once on data), possibly containing `PruneWrapper` layers.
         path: If given, the flatbuffer is also written to this file.
         quantize: None (float32), ``"dynamic"`` (int8 weights, float
             activations), ``"float16"`` (float16 weights) or ``"int8"``
             (full integer: int8 weights and activations, calibrated on
             ``representative_data``; ops without an int8 kernel stay float).
         representative_data: Calibration inputs for ``quantize="int8"``: an
-            array (or a list of arrays, one per model input) whose first axis
-            enumerates samples, an iterable of batches (arrays, lists of
-            arrays, or ``(x, y)`` pairs, e.g. a ``tf.data.Dataset``), or a
-            callable returning such an iterable. A few hundred samples suffice.
+            array (or a list of arrays in the Keras input order, or a dict
+            ``{input name: array}``) whose first axis enumerates samples, an
+            iterable of batches (arrays, lists of arrays, dicts, or ``(x, y)``
+            pairs, e.g. a ``tf.data.Dataset``), or a callable returning such
+            an iterable. A few hundred samples suffice. Every value must be
+            finite.
         int8_io: With ``quantize="int8"``, makes the model's inputs and outputs
             int8 too (otherwise they stay float32 with quantize/dequantize ops
             inside). `run_tflite` hides the difference.
@@ -387,8 +401,11 @@ def export_tflite(
         TypeError: If ``model`` is not a Keras model.
         ValueError: If ``quantize`` or ``sparse`` is not an allowed value,
             ``quantize="int8"`` comes without ``representative_data``,
-            ``int8_io`` is used without ``quantize="int8"``, or the model is
-            not built.
+            ``int8_io`` is used without ``quantize="int8"``, the model is
+            not built, ``representative_data`` holds NaN/inf values or does
+            not match the inputs, the int8 conversion fell back to float (no
+            int8 activation in the result), or a mixed-precision model cannot
+            be rebuilt in float32.
 
     Example:
         >>> blob = export_tflite(model, "model.tflite", quantize="int8",
