@@ -362,7 +362,7 @@ def strip(model):
     if isinstance(model, PruneWrapper):
         layer = model.layer.__class__.from_config(model.layer.get_config())
         layer.build_from_config(model.layer.get_build_config())
-        layer.set_weights(model.masked_weights())
+        layer.set_weights(_finite_masked_weights(model))
         return layer
     _check_model(model, "strip")
 
@@ -372,7 +372,27 @@ def strip(model):
     plain = keras.models.clone_model(model, clone_function=clone_fn, recursive=True)
 
     def copy(a, b):
-        b.set_weights(a.masked_weights() if isinstance(a, PruneWrapper) else a.get_weights())
+        b.set_weights(_finite_masked_weights(a) if isinstance(a, PruneWrapper)
+                      else a.get_weights())
 
     _copy_weights(model, plain, copy)
     return plain
+
+
+def _finite_masked_weights(wrapper):
+    """``wrapper.masked_weights()``, or a ValueError if one holds NaN or Inf.
+
+    A NaN times a zero mask is NaN: `strip` would write NaN where a weight
+    was pruned (and keep NaN weights), so it refuses instead.
+    """
+    values = wrapper.masked_weights()
+    for var, value in zip(wrapper.layer.weights, values, strict=True):
+        bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+        if bad:
+            raise ValueError(
+                f"strip: layer '{wrapper.name}' has {bad} non-finite (NaN/Inf) values of "
+                f"{np.size(value)} in `{var.path}` after masking; a stripped model must "
+                "hold finite weights. Training diverged or the data held NaN/Inf: retrain "
+                "from a finite checkpoint (keras.callbacks.TerminateOnNaN() stops training "
+                "at the first NaN loss).")
+    return values

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 
@@ -50,6 +52,8 @@ class Pruning(keras.callbacks.Callback):
         self._wrappers = []
         self._steps = {}
         self._per_call = 1
+        self._clock = None
+        self._announced = 0
 
     # -- hooks -----------------------------------------------------------------
     def on_train_begin(self, logs=None):
@@ -61,6 +65,8 @@ class Pruning(keras.callbacks.Callback):
         for w in self._wrappers:
             if not w.built:
                 raise ValueError(f"Pruning: layer '{w.name}' is not built; build the model first.")
+        self._clock = self._attach_clock()
+        for w in self._wrappers:
             w._callback_attached = True
             self._steps[id(w)] = int(keras.ops.convert_to_numpy(w.step))
             w.method.on_train_begin(w, dict(self.params or {}))
@@ -86,37 +92,43 @@ class Pruning(keras.callbacks.Callback):
         if self._per_call > 1:  # the steps of this execution, all updated before it runs
             total = (self.params or {}).get("steps")
             steps = min(self._per_call, total - batch) if total else self._per_call
-        for _ in range(max(1, steps)):
+        steps = max(1, steps)
+        for _ in range(steps):
             self._advance()
+        # Announce the steps to the wrappers (checked in their training step).
+        self._announced += steps
+        self._clock.assign(self._announced)
 
     def _advance(self):
-        changed = False
+        changed = []
         step = None
         for w in self._wrappers:
             step = self._steps[id(w)] if step is None else step
             if w.method.update(w, self._steps[id(w)]):
-                changed = True
+                changed.append(w)
             self._steps[id(w)] += 1
         if changed:
+            check_finite(changed, step)
             if self._coupling.groups:
                 self._coupling.apply(step)
             self.sync_followers()
 
     def on_epoch_end(self, epoch, logs=None):
         if self._per_call > 1:  # re-read the counted steps (a last execution may be short)
-            for w in self._wrappers:
-                self._steps[id(w)] = int(keras.ops.convert_to_numpy(w.step))
-        changed = False
-        for w in self._wrappers:
-            changed |= bool(w.method.on_epoch_end(w, epoch))
+            self._rebase()
+        changed = [w for w in self._wrappers if w.method.on_epoch_end(w, epoch)]
         if changed:
+            check_finite(changed, self._steps[id(changed[0])], f"the end of epoch {epoch}")
             self.sync_followers()
         if self._writer is not None:
             self._write_summaries(epoch)
 
     def on_train_end(self, logs=None):
+        if self._clock is not None:
+            self._rebase()
         for w in self._wrappers:
             w._callback_attached = False
+            w._gate.active = False
         # Force a retrace next time: fitting again without this callback must raise.
         if self.model is not None and hasattr(self.model, "train_function"):
             self.model.train_function = None
@@ -124,6 +136,38 @@ class Pruning(keras.callbacks.Callback):
             self._writer.flush()
 
     # -- helpers ---------------------------------------------------------------
+    def _attach_clock(self):
+        """Activates each wrapper's step gate with one clock shared by all of them.
+
+        The clock counts the steps this fit announced; each wrapper's base is
+        its step now. A clock the wrappers already share (an earlier fit) is
+        reused, so a traced training step stays valid.
+        """
+        gates = [w._gate for w in self._wrappers]
+        clock = gates[0].clock
+        strategy = getattr(self.model, "distribute_strategy", None)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            if clock is None or any(g.clock is not clock for g in gates):
+                clock = keras.Variable(0, dtype="int64", trainable=False, name="pruning_clock")
+            for w, gate in zip(self._wrappers, gates, strict=True):
+                gate.clock = clock
+                if gate.base is None:
+                    gate.base = keras.Variable(0, dtype="int64", trainable=False,
+                                               name="pruning_base")
+                gate.base.assign(w.step)
+                gate.active = True
+        clock.assign(0)
+        self._announced = 0
+        return clock
+
+    def _rebase(self):
+        """Re-reads the wrappers' steps and makes them the base of the announced steps."""
+        for w in self._wrappers:
+            self._steps[id(w)] = int(keras.ops.convert_to_numpy(w.step))
+            w._gate.base.assign(self._steps[id(w)])
+        self._announced = 0
+        self._clock.assign(0)
+
     def sync_followers(self):
         """Copies each producer's unit mask into the BatchNormalization that follows it."""
         for f in self._followers:
@@ -151,6 +195,42 @@ class Pruning(keras.callbacks.Callback):
                     image = mask_image(w)
                     if image is not None:
                         tf.summary.image(f"mask/{w.name}", image[None, :, :, None], step=epoch)
+
+
+def check_finite(wrappers, step, when=None):
+    """Raises if a wrapper's weights or pruning state hold NaN or Inf.
+
+    Called by `Pruning` when masks were just recomputed: masks chosen from
+    NaN scores are arbitrary (``top_k`` keeps units by index). One device
+    reduction and one read per call.
+
+    Args:
+        wrappers: the `tfprune.PruneWrapper` layers to check.
+        step: the pruning step (for the message).
+        when: where in training (for the message); default: the pruning step.
+
+    Raises:
+        ValueError: naming the layer, the variable, the count of non-finite
+            values and the step.
+    """
+    ops = keras.ops
+    per_wrapper = [[v for v in w.weights if "float" in str(v.dtype)] for w in wrappers]
+    flags = [ops.all(ops.isfinite(v)) for vs in per_wrapper for v in vs]
+    if not flags or bool(ops.convert_to_numpy(ops.all(ops.stack(flags)))):
+        return
+    for w, variables in zip(wrappers, per_wrapper, strict=True):
+        for v in variables:
+            value = np.asarray(ops.convert_to_numpy(v))
+            bad = int(np.size(value) - np.isfinite(value).sum())
+            if bad:
+                where = when or f"pruning step {step}"
+                raise ValueError(
+                    f"Pruning: layer '{w.name}' has {bad} non-finite (NaN/Inf) values of "
+                    f"{np.size(value)} in `{v.path}` at {where}, when its masks were "
+                    "recomputed: masks chosen from NaN scores would be arbitrary. Training "
+                    "diverged or the data hold NaN/Inf: fix the data (or lower the learning "
+                    "rate), and add keras.callbacks.TerminateOnNaN() to stop at the first "
+                    "NaN loss.")
 
 
 def mask_image(wrapper):

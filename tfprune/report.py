@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -28,7 +29,8 @@ class Report:
             ``zeros_in_blocks`` (fraction lying in all-zero ``4x1`` blocks of
             the ``[fan_in, units]`` kernel matrix, a trailing partial block
             padded as `tfprune.structures.Block` does). Biases are not counted
-            in these two fractions.
+            in these two fractions. ``nonfinite`` counts the NaN/Inf weights
+            (kernels and bias).
         total: the same keys summed over the layers; ``sparsity`` is
             ``1 - nonzero/params``, the regularity fractions are weighted by
             each layer's zero kernel weights.
@@ -40,6 +42,11 @@ class Report:
 
     ``str(report)`` shows, besides the counts, the regularity columns
     "0s in units" and "0s in 4x1" (``zeros_in_units``, ``zeros_in_blocks``).
+
+    Non-finite weights (NaN/Inf, e.g. after a diverged training) are never
+    counted as zeros: they count as nonzero weights, a unit holding one is
+    kept, `sparsity_report` warns (`RuntimeWarning`) and ``str(report)``
+    ends with a line naming the layers that hold them.
 
     Example:
         >>> report = tfprune.sparsity_report(pruned)
@@ -69,6 +76,9 @@ class Report:
         sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
         out = [fmt.format(*header), sep] + [fmt.format(*line) for line in lines[:-1]]
         out += [sep, fmt.format(*lines[-1])]
+        bad = [f"{r['layer']} ({r['nonfinite']:,})" for r in self.rows if r.get("nonfinite")]
+        if bad:
+            out.append(f"non-finite (NaN/Inf) weights, counted as nonzero: {', '.join(bad)}")
         return "\n".join(out)
 
     def __repr__(self):
@@ -111,7 +121,7 @@ def _spatial(shape):
 def _layer_row(layer):
     inner, values = _effective(layer)
     handler = handlers.get_handler(inner)
-    params = nonzero = flops = flops_kept = 0
+    params = nonzero = flops = flops_kept = nonfinite = 0
     zeros_units = zeros_blocks = kernel_zeros = 0
     try:
         out_spatial = _spatial(layer.output.shape)
@@ -126,7 +136,8 @@ def _layer_row(layer):
         canon = np.asarray(to_canonical(w, spec.layout))
         s, i, o = canon.shape
         params += canon.size
-        nz = int(np.count_nonzero(canon))
+        nz = int(np.count_nonzero(canon))  # NaN != 0: a NaN weight is never a zero
+        nonfinite += int(canon.size - np.count_nonzero(np.isfinite(canon)))
         nonzero += nz
         spatial = in_spatial if spec.layout == TRANSPOSED else out_spatial
         if spatial is not None:
@@ -149,6 +160,7 @@ def _layer_row(layer):
         b = values[id(bias)]
         params += b.size
         nonzero += int(np.count_nonzero(b))
+        nonfinite += int(b.size - np.count_nonzero(np.isfinite(b)))
     units = int(unit_alive.size)
     zeros = kernel_zeros
     return {
@@ -158,7 +170,7 @@ def _layer_row(layer):
         "flops_kept": flops_kept if out_spatial is not None else None,
         "zeros_in_units": zeros_units / zeros if zeros else 0.0,
         "zeros_in_blocks": zeros_blocks / zeros if zeros else 0.0,
-        "_zeros": zeros,
+        "nonfinite": nonfinite, "_zeros": zeros,
     }
 
 
@@ -188,7 +200,7 @@ def sparsity_report(model):
         raise ValueError(f"sparsity_report: '{model.name}' has no prunable layer "
                          f"({', '.join(handlers.supported_layer_types())}).")
     total = {"layer": "total", "type": ""}
-    for key in ("params", "nonzero", "units", "units_kept"):
+    for key in ("params", "nonzero", "units", "units_kept", "nonfinite"):
         total[key] = sum(r[key] for r in rows)
     for key in ("flops", "flops_kept"):
         vals = [r[key] for r in rows]
@@ -199,6 +211,11 @@ def sparsity_report(model):
         total[key] = sum(r[key] * r["_zeros"] for r in rows) / zeros if zeros else 0.0
     for r in rows:
         del r["_zeros"]
+    if total["nonfinite"]:
+        bad = ", ".join(f"'{r['layer']}' ({r['nonfinite']})" for r in rows if r["nonfinite"])
+        warnings.warn(f"sparsity_report: non-finite (NaN/Inf) weights in {bad}; they are "
+                      "counted as nonzero (never as pruned zeros). Training diverged or "
+                      "the data held NaN/Inf.", RuntimeWarning, stacklevel=2)
     return Report(rows=rows, total=total)
 
 

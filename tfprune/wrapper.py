@@ -3,14 +3,43 @@
 from __future__ import annotations
 
 import inspect
+import threading
+import weakref
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from tfprune import handlers
 from tfprune.methods import base as methods_base
 
 _PKG = "tfprune"
+
+# Graphs (traces of a training step) in which a wrapper has already counted its step:
+# {graph: {(id(wrapper), thread id)}}. A shared layer called twice in one traced step
+# counts one step; each replica of a MirroredStrategy runs in its own thread.
+_COUNTED = weakref.WeakKeyDictionary()
+
+
+class _StepGate:
+    """How `tfprune.callbacks.Pruning` announces training steps to a wrapper.
+
+    Not saved (set again at every fit): ``clock`` is a variable shared by all
+    the wrappers of a model, the number of training steps the callback
+    announced since the fit began; ``base`` is the wrapper's step when the fit
+    began. A training call counts one step only while
+    ``step < base + clock``, and raises otherwise.
+
+    Attributes:
+        clock: the shared ``int64`` variable, or None before the first fit.
+        base: this wrapper's ``int64`` base variable, or None.
+        active: True between the callback's ``on_train_begin`` and ``on_train_end``.
+    """
+
+    def __init__(self):
+        self.clock = None
+        self.base = None
+        self.active = False
 
 
 @keras.saving.register_keras_serializable(package=_PKG)
@@ -58,6 +87,8 @@ class PruneWrapper(keras.layers.Wrapper):
         self.handler = _handler_for(layer, self.method)
         self.method.validate(self)
         self._callback_attached = False
+        # A plain Python object: its variables are neither tracked nor saved.
+        self._gate = _StepGate()
         self._call_has_training = "training" in inspect.signature(layer.call).parameters
 
     def build(self, input_shape=None):
@@ -80,15 +111,59 @@ class PruneWrapper(keras.layers.Wrapper):
 
     def call(self, inputs, training=None, **kwargs):
         if training:
-            if self.method.requires_callback and not self._callback_attached:
-                raise RuntimeError(
-                    f"PruneWrapper '{self.name}' is being trained without "
-                    "tfprune.callbacks.Pruning(): nothing would be pruned. Pass "
-                    "`callbacks=[tfprune.callbacks.Pruning()]` to fit(), or in a custom "
-                    "training loop call the callback's set_model(), on_train_begin() and "
-                    "on_train_batch_begin() yourself (see the docs).")
-            self.step.assign_add(1)
+            if self._gate.active:
+                self._count_step()
+            else:
+                if self.method.requires_callback and not self._callback_attached:
+                    raise RuntimeError(
+                        f"PruneWrapper '{self.name}' is being trained without "
+                        "tfprune.callbacks.Pruning(): nothing would be pruned. Pass "
+                        "`callbacks=[tfprune.callbacks.Pruning()]` to fit(), or in a custom "
+                        "training loop call the callback's set_model(), on_train_begin() and "
+                        "on_train_batch_begin() yourself (see the docs).")
+                self.step.assign_add(1)
         return self.method.call(self, inputs, bool(training), **kwargs)
+
+    def _count_step(self):
+        """Counts one training step, once per traced step, if the callback announced it.
+
+        In a traced step (``fit``, a ``tf.function``) the first training call
+        of the wrapper in the trace counts the step, later calls (a shared
+        layer) do not; the check runs in the graph, so a trace reused without
+        the callback's ``on_train_batch_begin`` raises too. In eager execution
+        every training call counts one step.
+        """
+        gate = self._gate
+        limit = ops.convert_to_tensor(gate.base) + ops.convert_to_tensor(gate.clock)
+        if tf.executing_eagerly():
+            step, limit = int(ops.convert_to_numpy(self.step)), int(limit)
+            if step >= limit:
+                raise RuntimeError(self._unannounced_message(
+                    f" (step {step}, announced up to {limit})"))
+            self.step.assign(step + 1)
+            return
+        counted = _COUNTED.setdefault(tf.compat.v1.get_default_graph(), set())
+        key = (id(self), threading.get_ident())
+        if key in counted:
+            return
+        counted.add(key)
+        step = ops.convert_to_tensor(self.step)
+        ok = ops.less(step, limit)
+        check = tf.debugging.Assert(ok, [self._unannounced_message(""), "step:", step,
+                                         "announced up to:", limit])
+        with tf.control_dependencies([check]):
+            # Under XLA (jit_compile) the assertion is a no-op: the step then stays capped.
+            self.step.assign(step + ops.cast(ok, "int64"))
+
+    def _unannounced_message(self, values):
+        return (
+            f"PruneWrapper '{self.name}': a training step{values} was not announced by "
+            "tfprune.callbacks.Pruning(), so its schedules would not advance. In a custom "
+            "training loop call the callback's on_train_batch_begin() before every training "
+            "step, and call on_train_begin() again before reusing a traced training step "
+            "after on_train_end(). In eager execution (run_eagerly=True, or a loop without "
+            "tf.function) every training call of a layer counts one step: run a layer that "
+            "is called several times per step (a shared layer) in a tf.function.")
 
     def run_layer(self, inputs, values, training=None, use_activation=True, **kwargs):
         """Runs the inner layer's own ``call`` with some variables replaced.

@@ -332,6 +332,19 @@ def _diagnose(model, ref, new, xs):
     return None
 
 
+def _check_finite_weights(model):
+    """Raise ValueError naming the first layer whose weights hold NaN or Inf."""
+    for var in model.weights:
+        value = keras.ops.convert_to_numpy(var)
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            raise ValueError(
+                f"shrink: model '{model.name}' has {bad} non-finite (NaN/Inf) weights in "
+                f"`{var.path}`; shrink needs finite weights (it cannot tell pruned units "
+                "from NaN ones). Training diverged or the data held NaN/Inf: retrain from a "
+                "finite checkpoint.")
+
+
 def _check(model, new, g, keep):
     """Raise ShrinkError unless `new` computes what `model` computes.
 
@@ -386,6 +399,7 @@ def shrink(model, *, check=True, verbose=False, return_info=False):
     Raises:
         ShrinkError: (a `RuntimeError`) the self-check failed; the message
             names the first layer whose outputs differ.
+        ValueError: a weight is NaN or Inf (the message names the variable).
         TypeError: subclassed model.
 
     Example:
@@ -398,6 +412,7 @@ def shrink(model, *, check=True, verbose=False, return_info=False):
         raise TypeError(f"shrink: expected a keras.Model, received {type(model).__name__}")
     if _has_wrappers(model):
         model = _strip(model)
+    _check_finite_weights(model)
     g = DependencyGraph(model)
     info = ShrinkInfo(stops=list(g.stops), params_before=int(model.count_params()))
     removable = _decide(g, info)
