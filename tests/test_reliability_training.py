@@ -113,6 +113,15 @@ def test_a_shared_layer_under_mirrored_strategy_counts_one_step_per_step():
     assert out == {"steps": [8, 8], "sparsity": 0.75}  # 32 / 8 per global batch x 2 epochs
 
 
+def test_a_shared_layer_under_xla_counts_one_step_per_training_step():
+    pruned = _siamese_pruned()
+    pruned.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   jit_compile=True)
+    x, y = _siamese_data(16)
+    pruned.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[tfprune.callbacks.Pruning()])
+    assert int(_np(pruned.get_layer("shared").step)) == 4
+
+
 def test_a_shared_layer_in_eager_fit_raises_instead_of_counting_two_steps():
     pruned = _siamese_pruned()
     pruned.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -124,13 +133,13 @@ def test_a_shared_layer_in_eager_fit_raises_instead_of_counting_two_steps():
 
 
 # -- item 7: custom training loops ------------------------------------------------------
-def _custom_loop_setup(model=None):
+def _custom_loop_setup(model=None, jit_compile=False):
     sched = schedules.PolynomialDecay(0.0, 0.7, begin_step=0, end_step=6, frequency=2)
     pruned = tfprune.prune(model or lenet(), methods.Magnitude(schedule=sched))
     optimizer = keras.optimizers.SGD(0.01)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def train_step(xb, yb):
         with tf.GradientTape() as tape:
             loss = loss_fn(yb, pruned(xb, training=True)) + sum(pruned.losses)
@@ -214,6 +223,17 @@ def test_an_eager_custom_loop_that_forgets_the_hook_raises():
     pruned(xb, training=True)
     with pytest.raises(RuntimeError, match=r"PruneWrapper '\w+'.*step 1, announced up to 1"):
         pruned(xb, training=True)
+
+
+def test_under_xla_a_forgotten_hook_stops_the_step_instead_of_raising():
+    # XLA compiles the assertion away; the step then stays at the last announced one.
+    pruned, train_step, dataset, cb = _custom_loop_setup(jit_compile=True)
+    cb.on_train_begin()
+    for step, (xb, yb) in enumerate(dataset):
+        if step < 2:
+            cb.on_train_batch_begin(step)
+        train_step(xb, yb)
+    assert set(_steps(pruned).values()) == {2}
 
 
 def test_a_custom_loop_with_a_shared_layer_counts_one_step_per_step():

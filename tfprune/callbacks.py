@@ -26,6 +26,21 @@ class Pruning(keras.callbacks.Callback):
     With ``compile(steps_per_execution=N)`` each batch hook covers N steps: the
     methods are updated for all of them before the execution runs.
 
+    Each batch hook also *announces* its steps to the wrappers (one shared
+    counter variable, one assignment per hook). A wrapper counts one step per
+    traced training step, however many times it is called in it (a shared
+    layer), and only if the step was announced: a custom loop that forgets
+    ``on_train_batch_begin``, or reuses a traced step after `on_train_end`,
+    raises ``tf.errors.InvalidArgumentError`` (``RuntimeError`` in eager
+    execution) instead of training without pruning. Under XLA
+    (``jit_compile=True``) the assertion is compiled away; the step then
+    stops at the last announced step instead of raising.
+
+    When masks change (a method's `update` or `on_epoch_end` returned True),
+    the callback checks that the changed layers' weights and pruning state
+    are finite and raises a `ValueError` naming the layer and the step
+    otherwise (masks chosen from NaN scores would be arbitrary).
+
     Args:
         log_dir: TensorBoard log directory, or None.
         mask_images: also write mask images (with ``log_dir``).

@@ -58,7 +58,11 @@ class PruneWrapper(keras.layers.Wrapper):
     Register more with `tfprune.handlers.register_handler`.
 
     Training needs `tfprune.callbacks.Pruning` (it advances the schedules);
-    training without it raises a clear error.
+    training without it raises a clear error. The wrapper's step counter
+    (``step``, saved with the model) advances once per training step the
+    callback announced, however many times the layer is called in the
+    step (a shared layer); an unannounced training step raises (see
+    `tfprune.callbacks.Pruning`).
 
     Args:
         layer: the layer to wrap (built or not).
