@@ -316,7 +316,7 @@ class DependencyGraph:
             ([id(t) for t in node.input_tensors], [id(t) for t in node.output_tensors]))
         handler = _handlers.get_handler(layer)
         first = self._first_inputs.setdefault(id(layer), ins)
-        if first is not ins and layer.weights:  # a shared layer: one set of weights
+        if first is not ins and getattr(layer, "weights", None):  # shared: one set of weights
             if any(a is None or b is None or len(a.slots) != len(b.slots)
                    for a, b in zip(first, ins, strict=True)):
                 return self._stop(layer, ins, node, "shared layer with different inputs")

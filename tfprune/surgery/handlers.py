@@ -246,6 +246,10 @@ class _Producer(Handler):
         """None if a constant input channel can be folded into the bias exactly."""
         return None
 
+    def reads_input(self, layer):
+        """False when every input channel goes with its own units (nothing to fold)."""
+        return True
+
     def check(self, layer):
         pass
 
@@ -318,14 +322,108 @@ def _conv_fold_reason(layer):
             "not contribute a constant at the borders")
 
 
+def _depthwise_const(layer, v, k, bias):
+    """Constant outputs of a per-channel convolution whose unit `j` reads input value `v[j]`.
+
+    `k`: the kernel as `[positions, units]`, `bias`: `[units]`.
+    """
+    ksum = k.sum(0)
+    kzero = (k == 0).all(0)
+    with np.errstate(invalid="ignore"):
+        if layer.padding == "valid" or all(s == 1 for s in layer.kernel_size):
+            const = v * ksum + bias
+        else:  # 'same' or 'causal': borders see zeros, only a zero input stays constant
+            const = np.where(v == 0, bias, np.nan)
+    return np.where(kzero, bias, const)
+
+
 class ConvHandler(_Producer):
+    """Conv1D/2D/3D, grouped ones included (kernel `[*k, in // groups, filters]`).
+
+    With `groups == in_channels` (depthwise-like, as in ConvNeXt) the `filters //
+    groups` filters of group `c` read input channel `c` only: they are coupled
+    with it and go with it (like `DepthwiseConv2D`), no channel is mixed. With
+    `1 < groups < in_channels`, filter `j` of every group is one unit and input
+    channel `i` of every group is one channel, so every group keeps the same
+    number of filters and input channels.
+    """
+
     def check(self, layer):
         _channels_last(layer)
-        if getattr(layer, "groups", 1) != 1:
-            raise Stop(f"grouped convolution (groups={layer.groups})")
 
     def fold_reason(self, layer):
         return _conv_fold_reason(layer)
+
+    @staticmethod
+    def _groups(layer):
+        return int(getattr(layer, "groups", 1) or 1)
+
+    def depthwise_like(self, layer):
+        """True for a grouped convolution with one input channel per group."""
+        k = weight(layer, "kernel")
+        return self._groups(layer) > 1 and k.shape[-2] == 1
+
+    def reads_input(self, layer):
+        return not self.depthwise_like(layer)
+
+    def propagate(self, g, layer, inputs, node):
+        groups = self._groups(layer)
+        if groups == 1:
+            return super().propagate(g, layer, inputs, node)
+        self.check(layer)
+        if len(inputs) != 1:
+            raise Stop("more than one input")
+        (x,) = inputs
+        k = weight(layer, "kernel")
+        n_in, filters = len(x.slots), k.shape[-1]
+        per_group_in, per_group_out = n_in // groups, filters // groups
+        if per_group_in * groups != n_in or per_group_in != k.shape[-2]:
+            raise Stop(f"grouped convolution (groups={groups}) with {n_in} input channels "
+                       f"and a kernel of shape {k.shape}")
+        if per_group_in > 1:
+            for i in range(1, groups):
+                g.union(x.slots[:per_group_in], x.slots[i * per_group_in:(i + 1) * per_group_in])
+            [(slots, const)] = super().propagate(g, layer, inputs, node)
+            for i in range(1, groups):
+                g.union(slots[:per_group_out], slots[i * per_group_out:(i + 1) * per_group_out])
+            return [(slots, const)]
+        # depthwise-like: filter j reads input channel j // per_group_out only
+        bias = weight(layer, "bias")
+        bias = np.zeros(filters) if bias is None else bias
+        v = np.repeat(x.const, per_group_out)
+        const = _depthwise_const(layer, v, k.reshape(-1, filters), bias)
+        slots = g.unit_slots(layer, filters, const)
+        g.union(slots, np.repeat(x.slots, per_group_out))
+        if not is_elementwise(layer.activation):
+            g.block(slots, f"the activation of '{layer.name}' is not element-wise")
+        return [(slots, apply_elementwise(layer.activation, const))]
+
+    def shrink_config(self, layer, config, masks):
+        config = super().shrink_config(layer, config, masks)
+        if self.depthwise_like(layer):
+            config["groups"] = int(masks.inputs[0].sum())
+        return config
+
+    def fold_contribution(self, layer, removed, values):
+        groups = self._groups(layer)
+        if groups == 1:
+            return super().fold_contribution(layer, removed, values)
+        k = weight(layer, "kernel")
+        per_group_in, filters = k.shape[-2], k.shape[-1]
+        per_group_out = filters // groups
+        ksum = k.reshape(-1, per_group_in, filters).sum(0)  # [in per group, filters]
+        delta = np.zeros(filters)
+        for c, value in zip(np.asarray(removed).tolist(), np.asarray(values).tolist()):
+            grp = slice((c // per_group_in) * per_group_out,
+                        (c // per_group_in + 1) * per_group_out)
+            delta[grp] += value * ksum[c % per_group_in, grp]
+        return delta
+
+    def slice_kernel(self, k, in_mask, out_mask):
+        n = k.shape[-2]
+        if n != len(in_mask):  # grouped: the same input channels in every group
+            in_mask = in_mask[:n] if n > 1 else np.ones(1, bool)
+        return k[..., in_mask, :][..., out_mask]
 
 
 class ConvTransposeHandler(_Producer):
@@ -398,18 +496,10 @@ class DepthwiseHandler(Handler):
         g.follow(layer, x)
         k = weight(layer, "kernel")  # [*k, in, m]
         m = k.shape[-1]
-        ksum = k.reshape(-1, k.shape[-2], m).sum(0)  # [in, m]
-        kzero = (k.reshape(-1, k.shape[-2], m) == 0).all(0)
+        units = k.shape[-2] * m
         bias = weight(layer, "bias")
-        bias = np.zeros(k.shape[-2] * m) if bias is None else bias
-        bias = bias.reshape(-1, m)
-        v = x.const[:, None]
-        with np.errstate(invalid="ignore"):
-            if layer.padding == "valid" or all(s == 1 for s in layer.kernel_size):
-                const = v * ksum + bias
-            else:
-                const = np.where(v == 0, bias, np.nan)
-        const = np.where(kzero, bias, const).reshape(-1)
+        bias = np.zeros(units) if bias is None else bias
+        const = _depthwise_const(layer, np.repeat(x.const, m), k.reshape(-1, units), bias)
         slots = np.repeat(x.slots, m)
         if not is_elementwise(layer.activation):
             g.block(slots, f"the activation of '{layer.name}' is not element-wise")
@@ -453,6 +543,208 @@ class BatchNormHandler(Handler):
         return {v.name: keras.ops.convert_to_numpy(v)[mask] for v in layer.weights}
 
 
+class LayerScaleHandler(Handler):
+    """A per-channel scale `x * gamma` (ConvNeXt's `LayerScale`): a follower."""
+
+    role = "follower"
+
+    def propagate(self, g, layer, inputs, node):
+        (x,) = inputs
+        gamma = None
+        if len(layer.weights) == 1:
+            gamma = keras.ops.convert_to_numpy(layer.weights[0]).astype(np.float64)
+        if gamma is None or gamma.shape != (len(x.slots),):
+            raise Stop(f"expected one scale per channel ({len(x.slots)}), found weights of "
+                       f"shapes {[tuple(v.shape) for v in layer.weights]}")
+        g.follow(layer, x)
+        with np.errstate(invalid="ignore"):
+            const = np.where(gamma == 0, 0.0, x.const * gamma)
+        return [(x.slots, const)]
+
+    def shrink_config(self, layer, config, masks):
+        if "projection_dim" in config:
+            config["projection_dim"] = int(masks.inputs[0].sum())
+        return config
+
+    def shrink_weights(self, layer, masks):
+        mask = masks.inputs[0]
+        return {v.name: keras.ops.convert_to_numpy(v)[mask] for v in layer.weights}
+
+
+class RescalingHandler(Handler):
+    """`x * scale + offset`, scale and offset scalars or one value per channel."""
+
+    @staticmethod
+    def _per_channel(value, n, name):
+        v = np.asarray(value, dtype=np.float64)
+        if v.ndim == 0 or v.size == 1:
+            return np.full(n, float(v.reshape(-1)[0]))
+        if v.shape[-1] == n and v.size == n:
+            return v.reshape(-1)
+        raise Stop(f"{name} of shape {v.shape} is neither a scalar nor one value per channel")
+
+    def propagate(self, g, layer, inputs, node):
+        (x,) = inputs
+        n = len(x.slots)
+        scale = self._per_channel(layer.scale, n, "scale")
+        offset = self._per_channel(layer.offset, n, "offset")
+        return [(x.slots, x.const * scale + offset)]
+
+    def shrink_config(self, layer, config, masks):
+        mask = masks.inputs[0]
+        for key in ("scale", "offset"):
+            v = np.asarray(config[key])
+            if v.size > 1:
+                config[key] = v[..., mask].tolist()
+        return config
+
+
+class UnitNormHandler(Handler):
+    """`x / ||x||` over the last axis: an all-zero channel adds nothing to the norm."""
+
+    def propagate(self, g, layer, inputs, node):
+        (x,) = inputs
+        rank = len(x.shape)
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        if rank - 1 not in [a % rank for a in axes]:
+            raise Stop(f"axis={layer.axis} does not include the channel axis (not followed)")
+        return [(x.slots, np.where(x.const == 0, 0.0, np.nan))]
+
+
+def _statistics_reason(kind):
+    return (f"{kind} normalizes over the channel axis: removing a channel, even an all-zero "
+            "one, changes the mean and variance of the others, so it cannot be removed exactly")
+
+
+class LayerNormHandler(Handler):
+    """LayerNormalization: a stop, with the reason why its channels cannot go."""
+
+    def propagate(self, g, layer, inputs, node):
+        (x,) = inputs
+        rank = len(x.shape)
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        if rank - 1 in [a % rank for a in axes]:
+            raise Stop(_statistics_reason("LayerNormalization"))
+        raise Stop(f"axis={layer.axis}: normalization over other axes is not followed")
+
+
+# ---------------------------------------------------------------- operations
+
+# Element-wise operations that appear as nodes of a Functional model when a model
+# is built from plain tensor operations (`x + 3.0`, `keras.ops.relu6(x)`, ...).
+UNARY_OPS = (
+    "relu", "relu6", "sigmoid", "hard_sigmoid", "silu", "hard_silu", "gelu", "elu", "selu",
+    "celu", "leaky_relu", "softplus", "softsign", "log_sigmoid", "sparse_plus", "squareplus",
+    "tanh_shrink", "soft_shrink", "hard_shrink", "hard_tanh", "tanh", "sin", "cos", "abs",
+    "absolute", "negative", "square", "sqrt", "exp", "expm1", "sign", "floor", "ceil",
+    "round", "erf", "clip", "cast", "copy", "stop_gradient",
+)
+BINARY_OPS = ("add", "subtract", "multiply", "divide", "true_divide", "maximum", "minimum",
+              "power")
+
+
+def _op_classes():
+    """{operation class: name} for the element-wise `keras.ops` functions, found by tracing."""
+    x = keras.KerasTensor((None, 4))
+    found = {}
+    for names, make in ((UNARY_OPS, lambda fn: fn(x)), (BINARY_OPS, lambda fn: fn(x, x))):
+        for name in names:
+            fn = getattr(keras.ops, name, None)
+            if fn is None:
+                continue
+            try:
+                if name == "clip":
+                    y = fn(x, 0.0, 1.0)
+                elif name == "cast":
+                    y = fn(x, "float32")
+                else:
+                    y = make(fn)
+                op = y._keras_history[0]
+            except Exception:  # noqa: BLE001 - an op this Keras version lacks or builds otherwise
+                continue
+            if not isinstance(op, keras.layers.Layer):
+                found.setdefault(type(op), name)
+    return found
+
+
+class ElementwiseOp(Handler):
+    """A Keras operation node applied element by element (`x + 3.0`, `relu6(x)`, `x * y`).
+
+    Tensor inputs must have the output's channel count (their channels are
+    coupled, like `Add`); other arguments must be constants that are scalars or
+    have one value per channel (sliced by `shrink`). Constants are propagated by
+    running the operation on them.
+    """
+
+    def _constants(self, node):
+        consts = []
+        for v in keras.tree.flatten((node.arguments.args, node.arguments.kwargs)):
+            if isinstance(v, keras.KerasTensor) or v is None or isinstance(v, (str, bool)):
+                continue
+            consts.append(v)
+        return consts
+
+    def propagate(self, g, op, inputs, node):
+        if len(node.output_tensors) != 1:
+            raise Stop("more than one output")
+        out = node.output_tensors[0].shape
+        n = out[-1]
+        for x in inputs:
+            if len(x.slots) != n:
+                raise Stop(f"broadcasts an input of {len(x.slots)} channels to {n}")
+        for v in self._constants(node):
+            shape = np.shape(v)
+            if len(shape) > len(out) or (shape and shape[-1] not in (1, n)):
+                raise Stop(f"a constant of shape {shape} does not broadcast per channel")
+        for x in inputs[1:]:
+            g.union(inputs[0].slots, x.slots)
+        return [(inputs[0].slots, self._const(op, inputs, node, len(out)))]
+
+    def _const(self, op, inputs, node, rank):
+        n = len(inputs[0].slots)
+        known = np.ones(n, bool)
+        values = {}
+        for t, x in zip(node.input_tensors, inputs, strict=True):
+            known &= ~np.isnan(x.const)
+            values[id(t)] = np.where(np.isnan(x.const), 0.0, x.const).astype("float32").reshape(
+                (1,) * (rank - 1) + (n,))
+        if not known.any():
+            return np.full(n, np.nan)
+        try:
+            args, kwargs = node.arguments.fill_in(values)
+            y = np.asarray(keras.ops.convert_to_numpy(op(*args, **kwargs)), np.float64)
+        except Exception:  # noqa: BLE001 - an op that cannot run on constants: not constant
+            return np.full(n, np.nan)
+        if y.size != n:  # a constant that varies over positions
+            return np.full(n, np.nan)
+        y = y.reshape(-1)
+        if _OP_NAMES.get(type(op)) == "multiply":  # a zero factor makes the product zero
+            zero = np.zeros(n, bool)
+            for x in inputs:
+                zero |= x.const == 0
+            known |= zero
+            y = np.where(zero, 0.0, y)
+        return np.where(known & np.isfinite(y), y, np.nan)
+
+    def shrink_arguments(self, op, args, kwargs, masks):
+        """Slice the per-channel constants of the call to the kept channels."""
+        mask = masks.outputs[0]
+        if mask is None or mask.all():
+            return args, kwargs
+
+        def cut(v):
+            if isinstance(v, keras.KerasTensor) or v is None or isinstance(v, (str, bool)):
+                return v
+            if np.ndim(v) and np.shape(v)[-1] == len(mask) and len(mask) > 1:
+                return np.asarray(v)[..., mask]
+            return v
+
+        return keras.tree.map_structure(cut, (args, kwargs))
+
+
+_OP_NAMES = _op_classes()
+
+
 class Mixing(Handler):
     """A known layer whose output channels depend on several input channels: a stop."""
 
@@ -485,8 +777,11 @@ _REGISTRY = [
     ((L.SeparableConv1D, L.SeparableConv2D), SeparableConvHandler()),
     ((L.DepthwiseConv1D, L.DepthwiseConv2D), DepthwiseHandler()),
     ((L.BatchNormalization,), BatchNormHandler()),
-    ((L.LayerNormalization, L.GroupNormalization, L.UnitNormalization),
-     Mixing("normalizes across channels: removing even a zero channel changes the statistics")),
+    ((L.LayerNormalization,), LayerNormHandler()),
+    ((L.GroupNormalization,), Mixing(_statistics_reason("GroupNormalization"))),
+    ((L.UnitNormalization,), UnitNormHandler()),
+    ((L.Rescaling,), RescalingHandler()),
+    (tuple(_OP_NAMES), ElementwiseOp()),
     ((L.Softmax,), Mixing("softmax mixes channels")),
     ((L.PReLU,), Mixing("per-position slopes are not followed")),
     ((L.Permute,), Mixing("moves the channel axis")),
@@ -497,6 +792,12 @@ for _name in ("AdaptiveAveragePooling1D", "AdaptiveAveragePooling2D", "AdaptiveA
               "AdaptiveMaxPooling1D", "AdaptiveMaxPooling2D", "AdaptiveMaxPooling3D"):
     if hasattr(L, _name):
         _REGISTRY[0] = (_REGISTRY[0][0] + (getattr(L, _name),), _REGISTRY[0][1])
+try:  # ConvNeXt's per-channel scale (a Keras-internal class)
+    from keras.src.applications.convnext import LayerScale as _LayerScale
+
+    _REGISTRY.append(((_LayerScale,), LayerScaleHandler()))
+except ImportError:  # pragma: no cover - another Keras layout
+    pass
 del L, _name
 
 

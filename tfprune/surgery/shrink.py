@@ -192,7 +192,7 @@ class _Rebuilder:
             input_shapes=[g.tensors[i].shape if g.tensors.get(i) else None for i in in_ids])
         handler = _handlers.get_handler(layer)
         if (isinstance(handler, _handlers._Producer) and len(in_ids) == 1
-                and masks.inputs[0] is not None):
+                and masks.inputs[0] is not None and handler.reads_input(layer)):
             x = g.tensors[in_ids[0]]
             gone = ~masks.inputs[0] & ~np.isnan(x.const) & (x.const != 0)
             if gone.any():
@@ -224,7 +224,7 @@ class _Rebuilder:
         try:
             new = layer.__class__.from_config(config)
         except Exception as e:
-            if layer.weights or (masks is not None and masks.changed):
+            if _weights(layer) or (masks is not None and masks.changed):
                 raise ShrinkError(f"shrink: cannot rebuild layer '{layer.name}' "
                                   f"({type(layer).__name__}) from its config: {e}") from e
             new = layer  # stateless and unchanged (e.g. a Lambda in safe mode): reuse it
@@ -254,6 +254,10 @@ class _Rebuilder:
                 if node.is_input:
                     continue
                 args, kwargs = node.arguments.fill_in(tmap)
+                handler = _handlers.get_handler(node.operation)
+                if hasattr(handler, "shrink_arguments") and id(node.operation) in self.g._calls:
+                    args, kwargs = handler.shrink_arguments(
+                        node.operation, args, kwargs, self.masks(node.operation))
                 outs = self.clone(node.operation)(*args, **kwargs)
                 for a, b in zip(node.output_tensors, keras.tree.flatten(outs), strict=True):
                     tmap[id(a)] = b
@@ -266,9 +270,9 @@ class _Rebuilder:
 
     def load_weights(self):
         for old, new, masks, handler in self.pairs:
-            if not old.weights:
+            if not _weights(old):  # includes operations (`x + 3.0`): no weights at all
                 continue
-            if handler is None or masks is None:
+            if handler is None or masks is None or not (masks.changed or masks.fold is not None):
                 new.set_weights(old.get_weights())
                 continue
             values = handler.shrink_weights(old, masks)
@@ -281,6 +285,11 @@ class _Rebuilder:
                     raise ShrinkError(f"internal error: weight '{v.name}' of '{new.name}' has "
                                       f"shape {tuple(v.shape)}, computed {value.shape}")
                 v.assign(value.astype(v.dtype))
+
+
+def _weights(layer):
+    """The weights of a layer; [] for a plain operation node (`x + 3.0` in a Functional)."""
+    return getattr(layer, "weights", None) or []
 
 
 def _random_inputs(model, batch=2, seed=0):
