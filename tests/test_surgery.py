@@ -63,7 +63,8 @@ def test_shrink_removes_coupled_dead_channels_exactly(name, shrunk_zoo):
 
 # Not "resnet": with oneDNN on (TF 2.21, AVX-512 CPU), training a 1x1 stride-2 convolution
 # (its projection shortcut) corrupts the heap and kills the process, shrunk or not.
-@pytest.mark.parametrize("name", ["lenet5", "inception", "mobilenet", "nested", "two_outputs"])
+@pytest.mark.parametrize("name", ["lenet5", "inception", "mobilenet", "nested", "two_outputs",
+                                  "grouped", "ops"])
 def test_shrunk_model_keras_roundtrip_and_fine_tunes(name, shrunk_zoo, tmp_path):
     _, _, small, _ = shrunk_zoo[name]
     path = os.path.join(tmp_path, "small.keras")
@@ -413,3 +414,151 @@ def test_shrink_info_reads_well(capsys):
     shrink(model, verbose=True)
     out = capsys.readouterr().out
     assert "h1: 32 -> 16 units" in out and "parameters" in out
+
+
+# ------------------------------------------------------------------ grouped convolutions
+
+
+def _layer_weight(layer, name):
+    (v,) = [v for v in layer.weights if v.name == name]
+    return keras.ops.convert_to_numpy(v)
+
+
+def test_depthwise_like_grouped_conv_is_coupled_with_its_producer():
+    graph = DependencyGraph(zoo.grouped())
+    group = _group(graph, "c1+dwlike")
+    assert group.size == 8 and group.blocked_reason is None
+    prods = [(layer.name, list(idx)) for layer, idx in group.producers]
+    # groups=8 over 8 channels, 16 filters: filters 2c and 2c+1 read channel c only
+    assert prods == [("c1", list(range(8))), ("dwlike", list(range(0, 16, 2))),
+                     ("dwlike", list(range(1, 16, 2)))]
+    assert graph.stops == []
+
+
+def test_general_grouped_conv_couples_the_same_position_of_every_group():
+    graph = DependencyGraph(zoo.PARTIAL["grouped_general"]())
+    # 4 groups of 2 input channels: channel i of every group is one channel
+    c1 = _group(graph, "c1")
+    assert c1.size == 2
+    assert sorted(np.concatenate([idx for _, idx in c1.producers]).tolist()) == list(range(8))
+    assert [list(idx) for _, idx in c1.producers][:2] == [[0, 1], [2, 3]]
+    # 4 groups of 3 filters: filter j of every group is one unit
+    g4 = _group(graph, "g4")
+    assert g4.size == 3 and [list(idx) for _, idx in g4.producers] == [
+        [0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+
+
+@pytest.mark.parametrize("name", ["grouped", "grouped_general"])
+def test_grouped_convolutions_shrink_exactly(name):
+    model = zoo.randomize({**zoo.ZOO, **zoo.PARTIAL}[name](), seed=2)
+    killed = zoo.kill_half(model, seed=2)
+    small, info = shrink(model, return_info=True)
+    assert_same_outputs(model, small, _x(model))
+    before, after = zoo.count_units(model), zoo.count_units(small)
+    for layer_name, n in killed.items():
+        assert after[layer_name] == before[layer_name] - n, layer_name
+    if name == "grouped":
+        dw = small.get_layer("dwlike")
+        assert dw.groups == after["c1"] == 4 and dw.kernel.shape == (3, 3, 1, 8)
+    else:
+        g4 = small.get_layer("g4")
+        assert g4.groups == 4 and g4.kernel.shape == (3, 3, 1, 8)
+
+
+def test_dead_input_channel_of_a_general_grouped_conv_is_folded_per_group():
+    """A constant nonzero channel read by a 'valid' grouped conv goes into its group's bias."""
+    model = zoo.randomize(zoo.PARTIAL["grouped_general"](), seed=4)
+    c1 = model.get_layer("c1")
+    # channels 1, 3, 5, 7 (position 1 of every group of g4) constant: relu(bias) > 0
+    zoo._set(c1, "kernel", lambda k: k.__setitem__((..., [1, 3, 5, 7]), 0))
+    zoo._set(c1, "bias", lambda b: b.__setitem__([1, 3, 5, 7], [0.5, 1.0, 1.5, 2.0]))
+    small, info = shrink(model, return_info=True)
+    assert small.get_layer("c1").filters == 4
+    assert info.folded == {"g4": 1}  # one coupled channel (4 input channels) folded
+    assert small.get_layer("g4").kernel.shape == (3, 3, 1, 12)
+    assert_same_outputs(model, small, _x(model))
+
+
+# ------------------------------------------------------------------ operation nodes
+
+
+def test_graph_follows_operation_nodes_with_scalar_and_per_channel_constants():
+    model = zoo.ops()
+    kinds = {type(n.operation).__name__ for d in model._nodes_by_depth.values() for n in d}
+    assert {"Add", "Multiply", "Relu6", "TrueDivide"} <= kinds  # operations, not layers
+    graph = DependencyGraph(model)
+    assert graph.stops == []
+    # the excite conv's channels multiply the c1 channels (squeeze-and-excite)
+    assert _group(graph, "c1+excite").blocked_reason is None
+
+
+def test_operation_nodes_shrink_exactly_and_per_channel_constants_are_sliced():
+    model = zoo.randomize(zoo.ops(), seed=1)
+    zoo.kill_units(model.get_layer("c1"), [0, 2, 5])
+    zoo.kill_units(model.get_layer("excite"), [0, 2, 5])
+    small, info = shrink(model, return_info=True)
+    assert info.removed == {"c1": (8, 5), "excite": (8, 5)}
+    assert small.get_layer("c2").kernel.shape == (3, 3, 5, 8)
+    assert_same_outputs(model, small, _x(model))
+
+
+def test_operation_broadcasting_one_channel_is_a_named_stop():
+    inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(8, 3, name="c1")(inp)
+    gate = L.Conv2D(1, 1, name="gate")(x)
+    model = keras.Model(inp, L.Flatten()(L.Conv2D(2, 1, name="c2")(x * gate)))
+    graph = DependencyGraph(model)
+    ((name, reason),) = graph.stops
+    assert name.startswith("multiply") and "broadcasts an input of 1 channels to 8" in reason
+    assert "multiply" in _group(graph, "c1").blocked_reason
+
+
+# ------------------------------------------------------------------ ConvNeXt pieces
+
+
+def test_convnext_block_removes_hidden_units_and_names_the_layernorm_stops():
+    model = zoo.randomize(zoo.PARTIAL["convnext_block"](), seed=5)
+    graph = DependencyGraph(model)
+    assert sorted(name for name, _ in graph.stops) == ["block_ln", "stem_ln"]
+    assert all("LayerNormalization normalizes over the channel axis" in reason
+               and "cannot be removed exactly" in reason for _, reason in graph.stops)
+    residual = _group(graph, "dwconv+pw2")  # coupled through the grouped conv and `x + y`
+    assert [layer.name for layer, _ in residual.followers] == ["layer_scale"]
+    assert "stem_ln" in residual.blocked_reason
+    killed = zoo.kill_half(model, seed=5)
+    assert killed == {"pw1": 16}  # the only group that is not blocked
+    small, info = shrink(model, return_info=True)
+    assert info.removed == {"pw1": (32, 16)}
+    assert [name for name, _ in info.stops] == [name for name, _ in graph.stops]
+    assert "graph stops at block_ln: LayerNormalization" in str(info)
+    assert_same_outputs(model, small, _x(model))
+
+
+def test_dead_channels_before_a_layernorm_are_kept_and_reported():
+    model = zoo.randomize(zoo.PARTIAL["convnext_block"](), seed=5)
+    zoo.kill_units(model.get_layer("stem"), [1, 6])
+    small, info = shrink(model, return_info=True)
+    assert small.get_layer("stem").filters == 8
+    ((group, count, reason),) = info.kept
+    assert group == "stem" and count == 2 and "LayerNormalization" in reason
+    assert_same_outputs(model, small, _x(model))
+
+
+def test_layer_scale_rescaling_and_unit_normalization_follow_their_channels():
+    from keras.src.applications.convnext import LayerScale
+
+    inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(6, 3, padding="same", name="c1")(inp)
+    x = LayerScale(0.5, 6, name="scale")(x)
+    x = L.Rescaling([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], name="rescale")(x)
+    x = L.UnitNormalization(name="unit")(x)
+    model = zoo.randomize(keras.Model(inp, L.Flatten()(L.Conv2D(2, 3, name="c2")(x))), seed=6)
+    graph = DependencyGraph(model)
+    assert graph.stops == []
+    assert [layer.name for layer, _ in _group(graph, "c1").followers] == ["scale"]
+    zoo.kill_units(model.get_layer("c1"), [0, 3])
+    small = shrink(model)
+    assert small.get_layer("c1").filters == 4
+    assert small.get_layer("scale").projection_dim == 4
+    assert list(small.get_layer("rescale").scale) == [2.0, 3.0, 5.0, 6.0]
+    assert_same_outputs(model, small, _x(model))

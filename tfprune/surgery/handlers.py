@@ -124,7 +124,11 @@ class Handler:
         return config
 
     def shrink_weights(self, layer, masks):
-        """Return {weight name: new numpy value} for the smaller layer."""
+        """Return {weight name: new numpy value} for the smaller layer.
+
+        A list of values, one per weight in the order of `layer.weights`, is also
+        accepted (for weights created without a name).
+        """
         return {v.name: keras.ops.convert_to_numpy(v) for v in layer.weights}
 
 
@@ -567,8 +571,8 @@ class LayerScaleHandler(Handler):
         return config
 
     def shrink_weights(self, layer, masks):
-        mask = masks.inputs[0]
-        return {v.name: keras.ops.convert_to_numpy(v)[mask] for v in layer.weights}
+        # by position: LayerScale's weight has no name of its own ('variable_<n>')
+        return [keras.ops.convert_to_numpy(v)[masks.inputs[0]] for v in layer.weights]
 
 
 class RescalingHandler(Handler):

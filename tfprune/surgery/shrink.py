@@ -276,6 +276,8 @@ class _Rebuilder:
                 new.set_weights(old.get_weights())
                 continue
             values = handler.shrink_weights(old, masks)
+            if isinstance(values, (list, tuple)):  # in the order of `weights` (unnamed ones)
+                values = {v.name: value for v, value in zip(new.weights, values, strict=True)}
             for v in new.weights:
                 if v.name not in values:
                     raise ShrinkError(f"internal error: no value for weight '{v.name}' of "
