@@ -139,11 +139,11 @@ def test_relaxed_draw_is_stable_for_extreme_logits(monkeypatch, pairwise_max_n):
     assert np.all(np.isfinite(grad)) and mask.numpy().sum() == 3
 
 
-def _reference_masks_and_entropy(method, tau):
+def _reference_masks_and_entropy(method, wrapper, tau):
     """The first releases' layout: runs transposed to ``[R, B, n]`` (n last), the top_k
     closed form for every n, autodiff of ``log_softmax`` for the entropy."""
     masks, entropy = {}, 0.0
-    for e in method._entries:
+    for i, e in enumerate(method._entries):
         (a, b), runs = e.grid, e.runs
         x = tf.pad(tf.convert_to_tensor(e.logits), [(0, runs * e.n - a), (0, 0)],
                    constant_values=-1e9)
@@ -152,8 +152,7 @@ def _reference_masks_and_entropy(method, tau):
         entropy -= tf.reduce_sum(tf.exp(logp) * logp)
         noise = None
         if method.noise_scale > 0:
-            u = keras.random.uniform(tuple(x.shape), minval=1e-12, maxval=1.0,
-                                     seed=method._seed_generator)
+            u = method.uniform_noise(wrapper, i, tuple(x.shape))
             noise = -method.noise_scale * tf.math.log(-tf.math.log(u))
         mask = relaxed_topk_mask(x, min(e.k, e.n), tau, noise)
         masks[e.name] = tf.reshape(tf.transpose(mask, (0, 2, 1)), (runs * e.n, b))[:a]
@@ -169,8 +168,8 @@ def _reference_masks_and_entropy(method, tau):
 def test_training_masks_and_gradients_equal_the_reference_layout(monkeypatch, units, fan_in,
                                                                   kwargs):
     """Runs along axis 1 (no transposes), the short-run path and the hand-written entropy
-    gradient give the masks of the reference path bit for bit (same seed, same noise
-    draws) and its gradients up to rounding."""
+    gradient give the masks of the reference path bit for bit (same seed and step, same
+    noise draws) and its gradients up to rounding."""
     from tfprune.methods import dpp
 
     keras.utils.set_random_seed(3)
@@ -186,7 +185,6 @@ def test_training_masks_and_gradients_equal_the_reference_layout(monkeypatch, un
     logits = [e.logits for e in method._entries]
     weights = {e.name: tf.constant(rng.normal(size=e.grid).astype("float32"))
                for e in method._entries}
-    state = method._seed_generator.state.numpy()
     tau = method.temperature_tensor(wrapper)
 
     def loss_and_grads(fn):
@@ -198,9 +196,8 @@ def test_training_masks_and_gradients_equal_the_reference_layout(monkeypatch, un
                 [g.numpy() for g in grads])
 
     new = loss_and_grads(lambda: (method.group_masks(wrapper, True), method.entropy()))
-    method._seed_generator.state.assign(state)
     monkeypatch.setattr(dpp, "_PAIRWISE_MAX_N", 0)
-    ref = loss_and_grads(lambda: _reference_masks_and_entropy(method, tau))
+    ref = loss_and_grads(lambda: _reference_masks_and_entropy(method, wrapper, tau))
     for name in new[0]:
         np.testing.assert_array_equal(new[0][name], ref[0][name])
         _check_runs(next(e for e in method._entries if e.name == name), new[0][name])

@@ -7,7 +7,9 @@ wrapper in `build`, so that `.keras` files and checkpoints restore it.
 
 Life cycle, for one `tfprune.PruneWrapper`:
 
-1. `build(wrapper)`: create variables with ``wrapper.add_weight``.
+1. `build(wrapper)`: create variables with `Method.add_state` (a variable of
+   the wrapper, also listed in its tracked ``wrapper.pruning_state`` dict so
+   that `tf.saved_model.save` and `tf.train.Checkpoint` find it).
 2. `initialize(wrapper)`: once, after `tfprune.prune` copied the trained
    weights in (e.g. initialize logits from magnitudes).
 3. `effective_variables(wrapper, training)`: in ``call``, a dict
@@ -19,9 +21,24 @@ Life cycle, for one `tfprune.PruneWrapper`:
 6. `final_masks(wrapper)`: the hard inference masks, used by `tfprune.strip`
    and the report: ``{variable name: numpy array of 0/1}``.
 7. `logs(wrapper)`: scalars for TensorBoard.
+
+**Mixed precision.** Under a ``mixed_float16`` policy Keras reads float
+variables at the compute dtype (float16) inside a layer's call. Methods read
+their state and the kernels with `read_value` instead, compute masks, noise,
+KL and penalties in the variable dtype (float32), and hand float32 effective
+variables to `PruneWrapper.run_layer`: the wrapped layer casts them to its
+compute dtype when it reads them. Losses added with ``add_loss`` are float32.
+
+**Randomness.** Methods that sample draw stateless random numbers from a
+saved per-layer seed and the saved step counter (`step_seed`), so a model
+saved mid-training resumes with the same draws.
 """
 
 from __future__ import annotations
+
+import contextlib
+import random
+import zlib
 
 import keras
 import numpy as np
@@ -31,6 +48,73 @@ from tfprune import structures as structures_lib
 from tfprune.handlers import canonical_shape, from_canonical, to_canonical
 
 _PKG = "tfprune"
+
+
+def no_autocast():
+    """A context in which Keras reads float variables in their own dtype.
+
+    Inside a layer's call under a mixed-precision policy Keras casts float
+    variables to the compute dtype when they are read; this scope (the one
+    Keras layers with ``autocast=False`` use) switches that off.
+    """
+    try:
+        from keras.src.backend import AutocastScope
+    except ImportError:  # pragma: no cover - a Keras without it: no autocast to undo
+        return contextlib.nullcontext()
+    return AutocastScope(None)
+
+
+def read_value(var, dtype=None):
+    """The value of a variable (or tensor) in its own dtype, or cast to ``dtype``.
+
+    Unlike ``ops.convert_to_tensor(var)`` inside a mixed-precision layer call,
+    this is not rounded to float16 first. Gradients flow to the variable.
+
+    Args:
+        var: a `keras.Variable` or a tensor.
+        dtype: None (the variable's dtype) or a dtype to cast to.
+
+    Returns:
+        A tensor.
+    """
+    import tensorflow as tf
+
+    with no_autocast():
+        # `ops.convert_to_tensor` returns a Keras variable unread (it reads, autocast, when
+        # an op uses it): read it here, inside the scope.
+        value = tf.convert_to_tensor(var.value if isinstance(var, keras.Variable) else var)
+    return value if dtype is None else ops.cast(value, dtype)
+
+
+def layer_seed(seed, name):
+    """A per-layer ``[2]`` int seed: ``seed`` (or a draw of Python's generator) and the name's CRC.
+
+    With ``seed=None`` the first half comes from Python's `random` (seeded by
+    `keras.utils.set_random_seed`, like Keras' own default seeds), so runs are
+    repeatable and layers get distinct seeds; with an int seed, the layer name
+    keeps layers distinct.
+    """
+    first = random.randint(1, int(1e9)) if seed is None else int(seed)
+    return [first, zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF]
+
+
+def step_seed(seed, step, *more):
+    """The stateless seed of one draw: ``seed`` with ``step`` (and ``more`` ints) folded in.
+
+    Args:
+        seed: the ``[2]`` int64 seed variable (see `Method.add_seed`).
+        step: a scalar int tensor (e.g. ``wrapper.step``).
+        *more: further ints or scalar int tensors (a kernel index, a replica id).
+
+    Returns:
+        An int64 ``[2]`` tensor for ``tf.random.stateless_*``.
+    """
+    import tensorflow as tf
+
+    out = ops.cast(read_value(seed), "int64")
+    for data in (step, *more):
+        out = tf.random.experimental.stateless_fold_in(out, ops.cast(data, "int64"))
+    return out
 
 
 class Method:
@@ -89,6 +173,48 @@ class Method:
 
     def build(self, wrapper):
         raise NotImplementedError
+
+    def add_state(self, wrapper, name, shape, dtype="float32", initializer="zeros",
+                  trainable=False):
+        """Creates one variable of the layer's pruning state, owned by ``wrapper``.
+
+        The variable is a weight of the wrapper (saved in `.keras` files and
+        checkpoints, in creation order) and is also listed by name in the
+        wrapper's tracked ``pruning_state`` dict, so `tf.saved_model.save`
+        finds it. Non-trainable state is the first replica's under a
+        distribution strategy (methods update it from the callback).
+
+        Args:
+            wrapper: the `PruneWrapper` being built.
+            name: variable name, unique within the layer (e.g. ``"kernel_mask"``).
+            shape: the variable's shape.
+            dtype: its dtype (float state: the layer's variable dtype, float32
+                under mixed precision).
+            initializer: a Keras initializer or its name.
+            trainable: whether the optimizer trains it.
+
+        Returns:
+            The variable.
+        """
+        var = wrapper.add_weight(
+            name=name, shape=tuple(shape), dtype=dtype, initializer=initializer,
+            trainable=trainable, aggregation="none" if trainable else "only_first_replica")
+        if getattr(wrapper, "pruning_state", None) is None:
+            wrapper.pruning_state = {}
+        wrapper.pruning_state[name] = var
+        return var
+
+    def add_seed(self, wrapper, seed=None, name="noise_seed"):
+        """A saved ``[2]`` int64 seed variable of ``wrapper`` (see `layer_seed`, `step_seed`).
+
+        The seed is drawn at build (deterministic under
+        `keras.utils.set_random_seed`, distinct per layer) and saved with the
+        model, so the per-step draws ``step_seed(seed, wrapper.step, ...)``
+        are the same after reloading a model saved mid-training.
+        """
+        value = layer_seed(seed, wrapper.name)
+        return self.add_state(wrapper, name, (2,), dtype="int64",
+                              initializer=keras.initializers.Constant(value))
 
     def initialize(self, wrapper):
         """Called once after trained weights were copied into ``wrapper.layer``."""
@@ -172,23 +298,21 @@ class MaskedMethod(Method):
         self._masks = {}
         for spec in wrapper.handler.kernels:
             var = getattr(wrapper.layer, spec.name)
-            self._masks[spec.name] = wrapper.add_weight(
-                name=f"{spec.name}_mask", shape=tuple(var.shape), initializer="ones",
-                trainable=False, dtype=var.dtype, aggregation="only_first_replica")
+            self._masks[spec.name] = self.add_state(
+                wrapper, f"{spec.name}_mask", var.shape, dtype=var.dtype, initializer="ones")
         self._bias_mask = None
         bias = getattr(wrapper.layer, wrapper.handler.bias or "", None)
         if self.structure.removes_units and bias is not None:
-            self._bias_mask = wrapper.add_weight(
-                name="bias_mask", shape=tuple(bias.shape), initializer="ones", trainable=False,
-                dtype=bias.dtype, aggregation="only_first_replica")
+            self._bias_mask = self.add_state(wrapper, "bias_mask", bias.shape, dtype=bias.dtype,
+                                             initializer="ones")
 
     def effective_variables(self, wrapper, training):
         out = {}
         for name, mask in self._masks.items():
-            out[name] = getattr(wrapper.layer, name) * mask
+            out[name] = read_value(getattr(wrapper.layer, name)) * read_value(mask)
         if self._bias_mask is not None:
             bias = wrapper.handler.bias
-            out[bias] = getattr(wrapper.layer, bias) * self._bias_mask
+            out[bias] = read_value(getattr(wrapper.layer, bias)) * read_value(self._bias_mask)
         return out
 
     def kernel_specs(self, wrapper):
@@ -203,7 +327,7 @@ class MaskedMethod(Method):
         Scoring the masked kernel keeps pruned groups pruned (as tfmot, which
         zeroes them in place) when the sparsity rises step by step.
         """
-        kernel = ops.convert_to_tensor(getattr(wrapper.layer, spec.name)) * self._masks[spec.name]
+        kernel = read_value(getattr(wrapper.layer, spec.name)) * read_value(self._masks[spec.name])
         canon = to_canonical(kernel, spec.layout)
         return self.structure.reduce(ops.square(ops.cast(canon, "float32")))
 

@@ -49,7 +49,7 @@ from tfprune import quantization
 from tfprune import structures as structures_lib
 from tfprune._utils import check_int
 from tfprune.handlers import canonical_shape, from_canonical, to_canonical
-from tfprune.methods.base import Method
+from tfprune.methods.base import Method, read_value, step_seed
 
 _PKG = "tfprune"
 _NEG = -1e9  # logit of a padding slot in a trailing short run: never kept if avoidable
@@ -307,8 +307,13 @@ class DPP(Method):
     step; for very large ``k`` (say a few hundred) use runs (``n``) rather
     than ``n=None`` on big layers.
 
-    The Gumbel noise comes from a `keras.random.SeedGenerator` owned by the
-    wrapper, so `keras.utils.set_random_seed` makes training repeatable.
+    The Gumbel noise of each training step is a stateless draw from a
+    per-layer seed saved with the model (``seed``, or one drawn at build:
+    `keras.utils.set_random_seed` makes training repeatable) and the saved
+    step counter, so training resumed from a `.keras` file saved mid-training
+    draws exactly the masks an uninterrupted run draws. Masks, noise, the
+    fake quantization and the entropy penalty are computed in float32, also
+    under a ``mixed_float16`` policy.
     `tfprune.callbacks.Pruning` is required: it resolves ``anneal_steps`` from
     the fit (``epochs * steps``) when not given and keeps a BatchNormalization
     follower's mask in sync (at the start of the fit and at each epoch end).
@@ -345,8 +350,9 @@ class DPP(Method):
             norm, so pruning starts from a magnitude mask; 0 starts from
             uniform logits. The default 3 keeps the early masks close to the
             magnitude mask (the noise and the learned logits then change it).
-        seed: int seed of the noise generator, or None (taken from Keras'
-            global seed, see `keras.utils.set_random_seed`).
+        seed: int seed of the noise (combined with each layer's name, so
+            layers draw different noise), or None (drawn from Python's
+            generator at build, seeded by `keras.utils.set_random_seed`).
 
     Raises:
         ValueError: bad arguments (messages name the argument, the value and
@@ -494,17 +500,14 @@ class DPP(Method):
             k, n = self.resolve(wrapper.layer.name, spec.name, grid[0])
             entry = _Entry(spec.name, spec.layout, tuple(var.shape), cshape, grid, k, n,
                            spec.produces_units)
-            entry.logits = wrapper.add_weight(
-                name=f"{spec.name}_logits", shape=grid, initializer="zeros", trainable=True,
-                dtype="float32")
+            entry.logits = self.add_state(wrapper, f"{spec.name}_logits", grid, trainable=True)
             self._entries.append(entry)
-        self._anneal_var = wrapper.add_weight(
-            name="anneal_steps", shape=(), dtype="int64", trainable=False,
-            initializer=keras.initializers.Constant(self.anneal_steps or 0),
-            aggregation="only_first_replica")
-        # Tracked by the wrapper (its state is saved and distributed with the layer).
-        wrapper.dpp_seed_generator = keras.random.SeedGenerator(self.seed, name="dpp_noise")
-        self._seed_generator = wrapper.dpp_seed_generator
+        self._anneal_var = self.add_state(
+            wrapper, "anneal_steps", (), dtype="int64",
+            initializer=keras.initializers.Constant(self.anneal_steps or 0))
+        # The noise of training step t is drawn from (this seed, t): saved with the model,
+        # so a model saved mid-training resumes with the same masks.
+        self._seed_var = self.add_seed(wrapper, self.seed)
         self._quant = quantization.FakeQuant(self.quantize) if self.quantize else None
         self.initialize(wrapper)
 
@@ -554,20 +557,36 @@ class DPP(Method):
         """Temperature used at the last training step (float)."""
         return float(ops.convert_to_numpy(self.temperature_tensor(wrapper)))
 
+    def uniform_noise(self, wrapper, index, shape):
+        """The uniform draws in ``[1e-12, 1)`` behind the Gumbel noise of kernel ``index``.
+
+        Stateless: a function of the layer's saved seed, the training step
+        (``wrapper.step``) and ``index``, so the same step gives the same
+        noise after a model is saved and reloaded, and every replica of a
+        distribution strategy draws the same mask.
+        """
+        import tensorflow as tf
+
+        seed = step_seed(self._seed_var, wrapper.step, index)
+        return tf.random.stateless_uniform(shape, seed, minval=1e-12, maxval=1.0,
+                                           dtype="float32")
+
     def group_masks(self, wrapper, training):
-        """``{kernel name: [A, B] group mask}``: sampled (training) or top-k (inference)."""
+        """``{kernel name: [A, B] group mask}``: sampled (training) or top-k (inference).
+
+        Computed in float32 (also under mixed precision).
+        """
         out = {}
         tau = self.temperature_tensor(wrapper) if training else None
-        for e in self._entries:
-            logits = ops.convert_to_tensor(e.logits)
+        for i, e in enumerate(self._entries):
+            logits = read_value(e.logits, "float32")
             if training:
                 x = e.to_runs(logits, _NEG)  # [R, n, B]
                 k = min(e.k, e.n)
                 if self.noise_scale > 0:
-                    # Drawn as [R, B, n] (run last), the layout of the first releases, so a
-                    # seed gives the same masks; moved to [R, n, B] without a gradient.
-                    u = keras.random.uniform((e.runs, e.grid[1], e.n), minval=1e-12,
-                                             maxval=1.0, seed=self._seed_generator)
+                    # Drawn as [R, B, n] (run last), the layout of the first releases;
+                    # moved to [R, n, B] without a gradient.
+                    u = self.uniform_noise(wrapper, i, (e.runs, e.grid[1], e.n))
                     x = x + ops.transpose(-self.noise_scale * ops.log(-ops.log(u)), (0, 2, 1))
                 if e.n <= _PAIRWISE_MAX_N:
                     mask = _relaxed_topk_short(x, k, tau, axis=1)
@@ -583,7 +602,7 @@ class DPP(Method):
         """``sum over runs of H(softmax(logits of the run))`` over all kernels (tensor)."""
         total = 0.0
         for e in self._entries:
-            total = total + _entropy_runs(e.to_runs(ops.convert_to_tensor(e.logits), _NEG), 1)
+            total = total + _entropy_runs(e.to_runs(read_value(e.logits, "float32"), _NEG), 1)
         return total
 
     def effective_variables(self, wrapper, training):
@@ -593,7 +612,9 @@ class DPP(Method):
             if spec.name not in masks and self._quant is None:
                 continue
             kernel = getattr(wrapper.layer, spec.name)
-            canon = to_canonical(ops.convert_to_tensor(kernel), spec.layout)
+            # In the variable dtype (float32 under mixed precision): the wrapped layer casts
+            # the effective kernel to its compute dtype when it reads it.
+            canon = to_canonical(read_value(kernel), spec.layout)
             cshape = tuple(canon.shape)
             if spec.name in masks:
                 canon = canon * ops.cast(self.structure.expand(masks[spec.name], cshape),
@@ -603,6 +624,7 @@ class DPP(Method):
             out[spec.name] = from_canonical(canon, kernel.shape, spec.layout)
             bias = getattr(wrapper.layer, wrapper.handler.bias or "", None)
             if self.structure.removes_units and spec.produces_units and bias is not None:
+                bias = read_value(bias)
                 out[wrapper.handler.bias] = bias * ops.cast(
                     ops.reshape(masks[spec.name], (-1,)), bias.dtype)
         return out

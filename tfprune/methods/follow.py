@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfprune.methods.base import Method
+from tfprune.methods.base import Method, read_value
 
 _PKG = "tfprune"
 
@@ -50,17 +50,16 @@ class Follow(Method):
     def build(self, wrapper):
         channels = int(wrapper.layer.gamma.shape[0]) if wrapper.layer.scale else int(
             wrapper.layer.moving_mean.shape[0])
-        self._mask = wrapper.add_weight(name="channel_mask", shape=(channels,),
-                                        initializer="ones", trainable=False,
-                                        aggregation="only_first_replica")
+        self._mask = self.add_state(wrapper, "channel_mask", (channels,), initializer="ones")
 
     def effective_variables(self, wrapper, training):
         out = {}
         bn = wrapper.layer
-        if bn.scale:
-            out["gamma"] = bn.gamma * self._mask
-        if bn.center:
-            out["beta"] = bn.beta * self._mask
+        mask = read_value(self._mask)  # in the variable dtype, also under mixed precision
+        for name, on in (("gamma", bn.scale), ("beta", bn.center)):
+            if on:
+                value = read_value(getattr(bn, name))
+                out[name] = value * ops.cast(mask, value.dtype)
         return out
 
     def set_mask(self, unit_mask):

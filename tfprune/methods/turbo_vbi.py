@@ -28,7 +28,7 @@ from keras import ops
 from tfprune import structures as structures_lib
 from tfprune.handlers import canonical_shape, from_canonical, to_canonical
 from tfprune.methods import message_passing as mp
-from tfprune.methods.base import Method
+from tfprune.methods.base import Method, no_autocast, read_value, step_seed
 
 _PKG = "tfprune"
 SUPPORT_PRIORS = ("mrf", "chain", "iid")
@@ -366,12 +366,11 @@ class TurboVBI(Method):
         inv_softplus = math.log(math.expm1(self.sigma_init))
 
         def state(name, init, shape=shape, dtype=kernel.dtype):
-            return wrapper.add_weight(name=f"{n}_{name}", shape=shape, dtype=dtype,
-                                      initializer=keras.initializers.Constant(init),
-                                      trainable=False, aggregation="only_first_replica")
+            return self.add_state(wrapper, f"{n}_{name}", shape, dtype=dtype,
+                                  initializer=keras.initializers.Constant(init))
 
-        self._sigma_raw = wrapper.add_weight(
-            name=f"{n}_sigma", shape=shape, dtype=kernel.dtype,
+        self._sigma_raw = self.add_state(
+            wrapper, f"{n}_sigma", shape, dtype=kernel.dtype,
             initializer=keras.initializers.Constant(inv_softplus), trainable=True)
         self._mask = state("mask", 1.0)
         self._support = state("support_posterior", 0.5)
@@ -385,16 +384,31 @@ class TurboVBI(Method):
             self._bias_mask = state("bias_mask", 1.0, tuple(bias.shape), bias.dtype)
         self._turbo_count = state("turbo_iterations", 0, (), "int64")
         self._scale = state("weight_scale", 0.0, ())
-        self._seed = keras.random.SeedGenerator(name=f"{wrapper.name}_turbo_vbi_seed")
-        wrapper._turbo_vbi_seed = self._seed
+        # The noise of training step t is drawn from (this seed, t, replica): saved with the
+        # model, so a model saved mid-training resumes with the same draws.
+        self._seed = self.add_seed(wrapper)
 
     def _values(self, wrapper):
         name = self._spec.name
-        values = {name: getattr(wrapper.layer, name) * self._mask}
+        values = {name: read_value(getattr(wrapper.layer, name)) * read_value(self._mask)}
         if self._bias_mask is not None:
             bias = wrapper.handler.bias
-            values[bias] = getattr(wrapper.layer, bias) * self._bias_mask
+            values[bias] = read_value(getattr(wrapper.layer, bias)) * read_value(self._bias_mask)
         return values
+
+    def normal_noise(self, wrapper, shape):
+        """Standard normal float32 draws for the sampled pre-activations of this step.
+
+        Stateless: a function of the layer's saved seed, the training step
+        (``wrapper.step``) and the replica (each replica of a distribution
+        strategy samples its own examples' noise).
+        """
+        import tensorflow as tf
+
+        ctx = tf.distribute.get_replica_context()
+        replica = 0 if ctx is None else ctx.replica_id_in_sync_group
+        seed = step_seed(self._seed, wrapper.step, replica)
+        return tf.random.stateless_normal(shape, seed, dtype="float32")
 
     def effective_variables(self, wrapper, training):
         return self._values(wrapper)
@@ -410,13 +424,13 @@ class TurboVBI(Method):
             wrapper: the `PruneWrapper`.
             sigma: ``softplus(kernel_sigma)`` if already computed (None: computed here).
         """
-        mu = ops.convert_to_tensor(getattr(wrapper.layer, self._spec.name))
+        mu = read_value(getattr(wrapper.layer, self._spec.name), "float32")
         if sigma is None:
-            sigma = ops.softplus(self._sigma_raw)
-        precision = ops.convert_to_tensor(self._precision)
+            sigma = ops.softplus(read_value(self._sigma_raw, "float32"))
+        precision = read_value(self._precision, "float32")
         kl = (0.5 * (precision * (ops.square(mu) + ops.square(sigma)) - ops.log(precision) - 1.0)
               - ops.log(sigma))
-        return ops.sum(kl * self._mask)
+        return ops.sum(kl * read_value(self._mask, "float32"))
 
     def call(self, wrapper, inputs, training, **kwargs):
         values = self._values(wrapper)
@@ -431,23 +445,28 @@ class TurboVBI(Method):
                 "`num_train_examples` is None; pass TurboVBI(num_train_examples=len(x_train)) "
                 "(it scales the KL term to one example).")
         name = self._spec.name
-        sigma = ops.softplus(self._sigma_raw)  # once, for the variance and the KL
-        var_values = {name: ops.square(sigma) * self._mask}
+        # Sampling and KL in float32 (also under mixed precision, where sigma**2 ~ 1e-6 would
+        # be a float16 subnormal); the output is cast back to the compute dtype.
+        sigma = ops.softplus(read_value(self._sigma_raw, "float32"))  # for variance and KL
+        var_values = {name: ops.square(sigma) * read_value(self._mask, "float32")}
         bias = wrapper.handler.bias
         if bias is not None and getattr(wrapper.layer, bias, None) is not None:
-            var_values[bias] = ops.zeros_like(getattr(wrapper.layer, bias))
-        variance = wrapper.run_layer(ops.square(inputs), var_values, training=training,
-                                     use_activation=False, **kwargs)
-        noise = keras.random.normal(ops.shape(mean), dtype=mean.dtype, seed=self._seed)
+            var_values[bias] = ops.zeros(tuple(getattr(wrapper.layer, bias).shape), "float32")
+        with no_autocast():
+            variance = wrapper.run_layer(ops.square(ops.cast(inputs, "float32")), var_values,
+                                         training=training, use_activation=False, **kwargs)
+        mean = ops.cast(mean, "float32")
+        noise = self.normal_noise(wrapper, ops.shape(mean))
         step = ops.cast(wrapper.step, "float32")
         on = 1.0
         if self.freeze_step is not None:
             on = ops.cast(ops.less(step, float(self.freeze_step)), "float32")
-        out = mean + on * ops.sqrt(variance + 1e-12) * noise
+        out = mean + on * ops.sqrt(ops.cast(variance, "float32") + 1e-12) * noise
         warm = 1.0 if self.warmup_steps == 0 else ops.minimum(1.0, step / self.warmup_steps)
         scale = self.kl_weight / self.num_train_examples
-        wrapper.add_loss(on * warm * scale * self.kl_divergence(wrapper, sigma))
-        return activation(out)
+        wrapper.add_loss(ops.cast(on * warm * scale * self.kl_divergence(wrapper, sigma),
+                                  "float32"))
+        return ops.cast(activation(out), wrapper.compute_dtype)
 
     # -- turbo iteration ---------------------------------------------------------
     def _grid(self, value):
