@@ -1,4 +1,11 @@
-"""Command line: ``tfprune demo``, ``tfprune report``, ``tfprune export``."""
+"""Command line: ``tfprune demo``, ``tfprune report``, ``tfprune export``.
+
+Errors never show a Python traceback: a bad command line (an invalid option value, a
+path that does not exist or is a directory, a missing option) prints the usage and one
+``tfprune CMD: error: ...`` line and exits with status 2, like any argparse error; a
+failure (a file that is not a Keras model or a ``.npy`` array, data that does not fit the
+model, an export that fails) prints one such line and exits with status 1.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,22 @@ import time
 from pathlib import Path
 
 from tfprune.models import lenet5  # noqa: F401  (kept importable from here)
+
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+class UsageError(Exception):
+    """A command line that cannot work as given: exit status 2, with the usage."""
+
+
+class CommandError(Exception):
+    """A command that failed on its inputs: exit status 1, one line, no traceback."""
+
+
+def _one_line(exc):
+    """``"Type: message"`` of an exception, on a single line."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _quiet_tf():
@@ -114,9 +137,18 @@ def demo(epochs=3, method="magnitude", out="tfprune_demo", batch_size=64, seed=0
 
     if method not in DEMO_METHODS:
         raise ValueError(f"tfprune demo: unknown --method {method!r}; allowed: {DEMO_METHODS}.")
-    if epochs < 1:
-        raise ValueError(f"tfprune demo: --epochs must be >= 1, got {epochs}.")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size),
+                        ("latency_runs", latency_runs)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"tfprune demo: `{name}` must be an integer >= 1, got {value!r}.")
+    if max_samples is not None and (isinstance(max_samples, bool)
+                                    or not isinstance(max_samples, int | np.integer)
+                                    or max_samples < 1):
+        raise ValueError(f"tfprune demo: `max_samples` must be None or an integer >= 1, "
+                         f"got {max_samples!r}.")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"tfprune demo: `out` must be a folder, but {str(out)!r} is a file.")
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(seed)
     t0 = time.perf_counter()
@@ -203,76 +235,207 @@ def demo(epochs=3, method="magnitude", out="tfprune_demo", batch_size=64, seed=0
 
 
 def _load(path):
+    """Loads a ``.keras`` (or legacy ``.h5``) model; `CommandError` if that fails."""
     _quiet_tf()
+    import zipfile
+
     import keras
 
     import tfprune  # noqa: F401  (registers the serializable classes)
 
-    if not Path(path).exists():
-        raise SystemExit(f"tfprune: model file not found: {path}")
-    return keras.models.load_model(path, compile=False)
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"model file not found: {path}" if not path.exists() else
+                         f"{path} is not a file; expected a Keras model file "
+                         f"({', '.join(MODEL_SUFFIXES)})")
+    if path.suffix.lower() not in MODEL_SUFFIXES:
+        raise CommandError(f"{path} is not a Keras model file: expected a name ending in "
+                           f"{', '.join(MODEL_SUFFIXES)}, got {path.suffix or 'no extension'!r}")
+    if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):
+        raise CommandError(f"{path} is not a Keras model file: a .keras file is a zip archive, "
+                           f"this one is not")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as exc:  # any failure to read the file is the file's fault, not ours
+        raise CommandError(f"cannot load {path} as a Keras model: {_one_line(exc)}") from exc
+
+
+def _load_array(path):
+    """Loads the ``--representative`` array (``.npy``, or ``.npz`` holding one array)."""
+    import numpy as np
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise CommandError(f"cannot read --representative {path} as a .npy array: "
+                           f"{_one_line(exc)}") from exc
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            names = list(data.files)
+            if len(names) != 1:
+                raise CommandError(f"--representative {path} holds {len(names)} arrays "
+                                   f"({names}); expected one (save it with numpy.save)")
+            data = data[names[0]]
+    if data.dtype.kind not in "biuf":
+        raise CommandError(f"--representative {path} holds {data.dtype} values; expected numbers")
+    return data
 
 
 def report(path):
+    """Prints the sparsity report of the model saved at ``path``."""
     import tfprune
 
     print(tfprune.sparsity_report(_load(path)))
 
 
 def export(path, out, quantize=None, representative=None):
-    import numpy as np
+    """Exports the model saved at ``path`` (stripped if pruned) to the ``.tflite`` file ``out``.
 
+    Args:
+        path: ``.keras`` (or legacy ``.h5``) model file.
+        out: the ``.tflite`` file to write.
+        quantize: None, ``"dynamic"``, ``"float16"`` or ``"int8"``.
+        representative: ``.npy`` file of calibration inputs for int8 (default: the bundled
+            MNIST, if it fits the model's input).
+
+    Raises:
+        UsageError: the options cannot work for this model.
+        CommandError: a file cannot be read or does not fit the model.
+    """
     import tfprune
     from tfprune.export import export_tflite
     from tfprune.wrapper import find_wrappers
 
+    if representative is not None and quantize != "int8":
+        raise UsageError(f"--representative is only used with --quantize int8, "
+                         f"got --quantize {quantize or 'none (float32)'}")
     model = _load(path)
     if find_wrappers(model):
         model = tfprune.strip(model)
     rep = None
     if quantize == "int8":
+        inputs = getattr(model, "inputs", None) or []
+        if len(inputs) != 1:
+            raise UsageError(f"--quantize int8 from the command line needs a model with one "
+                             f"input, {path} has {len(inputs)}; call tfprune.export_tflite "
+                             f"with representative_data from Python")
+        shape = tuple(inputs[0].shape[1:])
         if representative:
-            rep = np.load(representative)
+            rep = _load_array(representative)
+            if rep.ndim != len(shape) + 1 or any(
+                    d is not None and d != got for d, got in zip(shape, rep.shape[1:])):
+                want = ", ".join("any" if d is None else str(d) for d in shape)
+                raise CommandError(f"--representative {representative} has shape {rep.shape}; "
+                                   f"the model input needs (samples, {want})")
         else:
             (x, _), _ = tfprune.datasets.load_mnist()
-            shape = tuple(model.inputs[0].shape[1:])
             if x.shape[1:] != shape and x[..., None].shape[1:] == shape:
                 x = x[..., None]
             if x.shape[1:] != shape:
-                raise SystemExit(
-                    f"tfprune export: --quantize int8 needs representative data for input shape "
-                    f"{shape}; pass --representative FILE.npy.")
+                raise UsageError(
+                    f"--quantize int8 needs representative data for input shape {shape} "
+                    f"(the bundled MNIST does not fit); pass --representative FILE.npy")
             rep = x[:256]
     blob = export_tflite(model, out, quantize=quantize, representative_data=rep)
     print(f"wrote {out} ({len(blob):,} bytes, quantize={quantize or 'float32'})")
 
 
+def _int_at_least(minimum):
+    """An argparse ``type``: an integer ``>= minimum``."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _check_paths(sub, args):
+    """Usage errors for paths that cannot work: missing inputs, missing output folders."""
+
+    def input_file(text, what):
+        path = Path(text)
+        if not path.exists():
+            sub.error(f"{what}: file not found: {text}")
+        if not path.is_file():
+            sub.error(f"{what}: {text} is not a file")
+
+    if args.command in ("report", "export"):
+        input_file(args.model, "argument model")
+    if args.command == "export":
+        out = Path(args.out)
+        if out.is_dir():
+            sub.error(f"argument out: {args.out} is a directory; give a file name such as "
+                      f"{out / 'model.tflite'}")
+        if not out.parent.is_dir():
+            sub.error(f"argument out: output folder {str(out.parent)!r} does not exist")
+        if args.representative is not None:
+            input_file(args.representative, "argument --representative")
+    if args.command == "demo":
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            sub.error(f"argument --out: {args.out} is a file, not a folder")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="tfprune", description=__doc__)
+    """Runs the ``tfprune`` command line.
+
+    Args:
+        argv: the arguments (``sys.argv[1:]`` by default).
+
+    Returns:
+        0 on success, 1 if the command failed (one ``tfprune CMD: error: ...`` line
+        printed on stderr).
+
+    Raises:
+        SystemExit: with status 2 on a usage error (argparse's convention).
+    """
+    parser = argparse.ArgumentParser(prog="tfprune", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train, prune, shrink and export LeNet-5 on bundled MNIST")
-    p.add_argument("--epochs", type=int, default=3)
+    subs = {}
+    p = subs["demo"] = sub.add_parser(
+        "demo", help="train, prune, shrink and export LeNet-5 on bundled MNIST")
+    p.add_argument("--epochs", type=_int_at_least(1), default=3)
     p.add_argument("--method", choices=DEMO_METHODS, default="magnitude")
     p.add_argument("--out", default="tfprune_demo", help="output folder")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-samples", type=int, default=None, help=argparse.SUPPRESS)
-    p = sub.add_parser("report", help="print the sparsity report of a .keras model")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--max-samples", type=_int_at_least(1), default=None, help=argparse.SUPPRESS)
+    p = subs["report"] = sub.add_parser("report",
+                                        help="print the sparsity report of a .keras model")
     p.add_argument("model")
-    p = sub.add_parser("export", help="export a .keras model to .tflite")
+    p = subs["export"] = sub.add_parser("export", help="export a .keras model to .tflite")
     p.add_argument("model")
     p.add_argument("out")
     p.add_argument("--quantize", choices=("dynamic", "float16", "int8"), default=None)
     p.add_argument("--representative", default=None,
                    help=".npy file of representative inputs for int8")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        demo(epochs=args.epochs, method=args.method, out=args.out, batch_size=args.batch_size,
-             seed=args.seed, max_samples=args.max_samples)
-    elif args.command == "report":
-        report(args.model)
-    else:
-        export(args.model, args.out, quantize=args.quantize, representative=args.representative)
+    cmd = subs[args.command]
+    _check_paths(cmd, args)
+    try:
+        if args.command == "demo":
+            demo(epochs=args.epochs, method=args.method, out=args.out,
+                 batch_size=args.batch_size, seed=args.seed, max_samples=args.max_samples)
+        elif args.command == "report":
+            report(args.model)
+        else:
+            export(args.model, args.out, quantize=args.quantize,
+                   representative=args.representative)
+    except UsageError as exc:
+        cmd.error(str(exc))
+    except CommandError as exc:
+        print(f"{cmd.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError) as exc:  # tfprune's and the OS's reported errors
+        print(f"{cmd.prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 
