@@ -460,10 +460,27 @@ _MIRRORED = """
     assert not np.array_equal(before, after)
     kernel = tfprune.strip(pruned).get_layer("dense").kernel.numpy()
     assert ((kernel != 0).reshape(3, 4, 16).sum(1) == 2).all()
+    # Both replicas draw the same training mask (stateless noise from the saved seed and step).
+    masks = strategy.experimental_local_results(
+        strategy.run(lambda: w.method.group_masks(w, True)["kernel"]))
+    assert len(masks) == 2 and np.array_equal(masks[0].numpy(), masks[1].numpy())
+    # Resume: one more epoch after save/load equals one more epoch of the original.
+    import os, tempfile
+    path = os.path.join(tempfile.mkdtemp(), "mid.keras")
+    pruned.save(path)
+    with strategy.scope():
+        loaded = keras.models.load_model(path)
+    for model in (pruned, loaded):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, shuffle=False,
+                  callbacks=[tfprune.callbacks.Pruning()])
+    for a, b in zip(pruned.weights + pruned.optimizer.variables,
+                    loaded.weights + loaded.optimizer.variables):
+        assert np.array_equal(a.numpy(), b.numpy()), a.path
     print("MIRRORED_OK", strategy.num_replicas_in_sync)
 """
 
 
 def test_mirrored_strategy_trains_one_epoch():
+    """Trains, draws one mask for all replicas and resumes exactly from a .keras file."""
     proc = run_on_two_cpus(_MIRRORED)
     assert "MIRRORED_OK 2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]

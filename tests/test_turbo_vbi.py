@@ -271,11 +271,28 @@ _MIRRORED = """
     w = tfprune.wrapper.find_wrappers(pruned)[0]
     assert int(w.method._turbo_count.numpy()) >= 1
     assert np.isfinite(hist.history["loss"][-1])
+    # Each replica samples its own examples' noise, from the saved seed and step.
+    noise = [t.numpy() for t in strategy.experimental_local_results(
+        strategy.run(lambda: w.method.normal_noise(w, (4, 3))))]
+    assert len(noise) == 2 and not np.array_equal(noise[0], noise[1])
+    # Resume: one more epoch after save/load equals one more epoch of the original.
+    import os, tempfile
+    path = os.path.join(tempfile.mkdtemp(), "mid.keras")
+    pruned.save(path)
+    with strategy.scope():
+        loaded = keras.models.load_model(path)
+    for model in (pruned, loaded):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, shuffle=False,
+                  callbacks=[tfprune.callbacks.Pruning()])
+    for a, b in zip(pruned.weights + pruned.optimizer.variables,
+                    loaded.weights + loaded.optimizer.variables):
+        assert np.array_equal(a.numpy(), b.numpy()), a.path
     print("OK", strategy.num_replicas_in_sync)
 """
 
 
 def test_mirrored_strategy_trains_one_epoch():
+    """Trains, samples per-replica noise and resumes exactly from a .keras file."""
     out = run_on_two_cpus(_MIRRORED, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK 2" in out.stdout
