@@ -295,3 +295,23 @@ def test_saved_model_export_serves_the_pruned_outputs(tmp_path, name):
     np.testing.assert_allclose(served, pruned.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
     plain = tfprune.strip(pruned)
     np.testing.assert_allclose(served, plain.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Fake quantization of float16 tensors.
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fake_quantize_float16_lands_on_the_float32_grid(bits):
+    from tfprune.quantization import fake_quantize
+
+    w16 = (np.random.default_rng(0).normal(size=(64, 6)) * 3).astype("float16")
+    got = keras.ops.convert_to_numpy(fake_quantize(w16, bits))
+    want = keras.ops.convert_to_numpy(fake_quantize(w16.astype("float32"), bits))
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, want.astype("float16"))
+    x = tf.constant(w16)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.reduce_sum(fake_quantize(x, bits) * 2.0)
+    np.testing.assert_array_equal(tape.gradient(y, x).numpy(), np.full(w16.shape, 2.0, "float16"))

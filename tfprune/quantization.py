@@ -76,6 +76,10 @@ def fake_quantize(x, bits=8, axis=-1):
         bits: 4 or 8.
         axis: the output-channel axis (one scale per channel).
 
+    A float16 or bfloat16 ``x`` (mixed precision) is quantized in float32
+    (scale, division and rounding) and the result cast back to its dtype, so
+    it lands on the grid of the float32 weights.
+
     Returns:
         A tensor of ``x``'s shape and dtype holding at most ``2q + 1``
         distinct values per channel; zeros stay exactly zero.
@@ -92,9 +96,13 @@ def fake_quantize(x, bits=8, axis=-1):
     bits = check_bits(bits)
     qmax = float(2 ** (bits - 1) - 1)
     x = ops.convert_to_tensor(x)
-    scale = ops.stop_gradient(channel_scale(x, bits, axis))
-    q = ops.clip(ops.round(x / scale), -qmax, qmax) * scale
-    return x + ops.stop_gradient(q - x)
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    low = dtype in ("float16", "bfloat16")  # mixed precision: the grid is computed in float32
+    x32 = ops.cast(x, "float32") if low else x
+    scale = ops.stop_gradient(channel_scale(x32, bits, axis))
+    q = ops.clip(ops.round(x32 / scale), -qmax, qmax) * scale
+    out = x32 + ops.stop_gradient(q - x32)
+    return ops.cast(out, dtype) if low else out
 
 
 @keras.saving.register_keras_serializable(package=_PKG)
