@@ -209,6 +209,14 @@ class TurboVBI(Method):
     ``E[rho]``) runs every ``update_every`` training steps (an int) or at each
     epoch end (``"epoch"``), from ``begin_step`` on, until ``freeze_step``.
 
+    **Randomness and precision.** The noise of the sampled pre-activations
+    is a stateless draw from a per-layer seed saved with the model (drawn at
+    build, repeatable under `keras.utils.set_random_seed`), the saved step
+    counter and the replica id, so training resumed from a `.keras` file
+    saved mid-training continues exactly. The variance pass, the noise and
+    the KL are computed in float32, also under a ``mixed_float16`` policy
+    (the output is cast back to the compute dtype; the KL loss is float32).
+
     **Mask.** After each turbo iteration a weight is kept iff its posterior
     support probability is ``>= threshold`` and ``|mu| >= min_magnitude``;
     masked weights get neither noise nor gradient, so pruning is
