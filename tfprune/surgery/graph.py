@@ -6,7 +6,14 @@ nested models, seeing through `keras.layers.Wrapper`s such as
 neuron, a convolution filter), the set of coupled channels that can only be
 removed together: the same channel of every input of an `Add`, the channel
 offsets of a `Concatenate`, the rows of a `Dense` after `Flatten`, the
-per-channel weights of `BatchNormalization` and `DepthwiseConv2D`, ...
+per-channel weights of `BatchNormalization` and `DepthwiseConv2D`, the filters
+of a grouped convolution, the channels of element-wise operation nodes (`x +
+3.0`, `keras.ops.relu6(x)`, `x * y`: a Functional built from plain tensor
+operations, like MobileNetV3's hard sigmoid), ...
+
+Where it cannot follow the channels exactly (LayerNormalization over the
+channels, a Lambda, an unknown layer or operation) it *stops*: `graph.stops`
+names each place and why, and the channels reaching it are never removed.
 
 Example:
     ```python
@@ -103,7 +110,9 @@ class ChannelGroup:
         producers: list of `(layer, idx)`: a Dense/Conv/ConvTranspose/SeparableConv
             layer (unwrapped, same `name` as its wrapper) and the int array
             of its output units, one per group channel. A layer may appear
-            more than once (e.g. its output concatenated with itself).
+            more than once (e.g. its output concatenated with itself, the
+            filters of a depthwise-like grouped convolution with 2 filters per
+            channel, or filter `j` of every group of a grouped convolution).
         followers: list of `(layer, idx)` for per-channel layers
             (BatchNormalization, DepthwiseConv2D) whose input channels `idx`
             go with the group.

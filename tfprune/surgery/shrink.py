@@ -392,7 +392,10 @@ def shrink(model, *, check=True, verbose=False, return_info=False):
     or 1x1 convolutions). Coupled channels (through Add, Concatenate,
     BatchNormalization, depthwise convolutions, Flatten...) go only together.
     Channels reaching a model output or a layer the graph cannot follow
-    (Lambda, custom layers, Permute...) stay; `return_info=True` lists them.
+    (LayerNormalization over the channels, Lambda, custom layers, Permute...)
+    stay; `return_info=True` names every such place (`ShrinkInfo.stops`) and
+    the dead channels kept because of it (`ShrinkInfo.kept`). Layers and
+    operation nodes that keep all their channels are copied unchanged.
 
     Args:
         model: a built Sequential or Functional model (nested models are
