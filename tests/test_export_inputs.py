@@ -238,14 +238,17 @@ def test_non_finite_calibration_data_is_an_error(bad):
 
 
 def test_int8_export_that_falls_back_to_float_is_an_error(monkeypatch):
-    import tfprune.export as export
+    import tfprune.export.calibration as calibration
+    import tfprune.export.converter as converter
 
     model = keras.Sequential([keras.Input((6,)), L.Dense(4, activation="relu"), L.Dense(2)])
     x = np.random.default_rng(0).random((8, 6), dtype=np.float32)
     float_blob = export_tflite(model)
     with pytest.raises(ValueError, match="no int8 activations"):
-        export._check_int8(float_blob, model.name)
-    export._check_int8(export_tflite(model, quantize="int8", representative_data=x), model.name)
+        calibration._check_int8(float_blob, model.name)
+    calibration._check_int8(
+        export_tflite(model, quantize="int8", representative_data=x), model.name
+    )
 
     # All-NaN calibration data makes the converter fall back to float without a word: even
     # when the finiteness check is bypassed, export_tflite must not return that model.
@@ -253,6 +256,6 @@ def test_int8_export_that_falls_back_to_float_is_an_error(monkeypatch):
         for i in range(len(data)):
             yield [np.asarray(data[i : i + 1], np.float32)]
 
-    monkeypatch.setattr(export, "_representative_samples", no_check)
+    monkeypatch.setattr(converter, "_representative_samples", no_check)
     with pytest.raises(ValueError, match="no int8 activations"):
         export_tflite(model, quantize="int8", representative_data=np.full((4, 6), np.nan))
