@@ -562,3 +562,34 @@ def test_layer_scale_rescaling_and_unit_normalization_follow_their_channels():
     assert small.get_layer("scale").projection_dim == 4
     assert list(small.get_layer("rescale").scale) == [2.0, 3.0, 5.0, 6.0]
     assert_same_outputs(model, small, _x(model))
+
+
+def _rms_model():
+    inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(6, 3, padding="same", name="c1")(inp)
+    x = L.RMSNormalization(epsilon=0.5, name="rms")(x)  # a large epsilon: its rescaling matters
+    return zoo.randomize(keras.Model(inp, L.Flatten()(L.Conv2D(2, 3, name="c2")(x))), seed=7)
+
+
+def test_zero_channels_before_rms_normalization_are_removed_exactly():
+    model = _rms_model()
+    assert DependencyGraph(model).stops == []
+    zoo.kill_units(model.get_layer("c1"), [1, 4])
+    small = shrink(model)
+    assert small.get_layer("c1").filters == 4
+    rms = small.get_layer("rms")
+    assert rms.epsilon == pytest.approx(0.5 * 6 / 4)
+    assert_same_outputs(model, small, _x(model))
+
+
+def test_constant_channel_before_rms_normalization_is_kept_and_reported():
+    model = _rms_model()
+    c1 = model.get_layer("c1")
+    zoo._set(c1, "kernel", lambda k: k.__setitem__((..., [1]), 0))  # channel 1 = its bias
+    zoo._set(c1, "bias", lambda b: b.__setitem__(1, 0.7))
+    zoo._set(model.get_layer("rms"), "scale", lambda s: s.__setitem__(1, 0.0))  # output 0
+    small, info = shrink(model, return_info=True)
+    assert small.get_layer("c1").filters == 6
+    ((group, count, reason),) = info.kept
+    assert group == "c1" and count == 1 and "root mean square" in reason
+    assert_same_outputs(model, small, _x(model))

@@ -615,6 +615,42 @@ class UnitNormHandler(Handler):
         return [(x.slots, np.where(x.const == 0, 0.0, np.nan))]
 
 
+class RMSNormHandler(Handler):
+    """RMSNormalization over the channels: `x * scale / sqrt(mean(x**2) + epsilon)`.
+
+    An all-zero channel adds nothing to the sum of squares, only to the count:
+    with `n` of `C` channels kept, `epsilon * C / n` and `scale * sqrt(C / n)`
+    give the same outputs, so zero channels are removed exactly. A channel
+    that is a nonzero constant (or unknown) is kept.
+    """
+
+    role = "follower"
+
+    def propagate(self, g, layer, inputs, node):
+        (x,) = inputs
+        rank = len(x.shape)
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        if [a % rank for a in axes] != [rank - 1]:
+            raise Stop(f"axis={layer.axis} (only the last axis is followed)")
+        g.read(layer, x, f"'{layer.name}' (RMSNormalization) would count a nonzero constant "
+                         "channel in its root mean square")
+        g.follow(layer, x)
+        scale = weight(layer, "scale")
+        zero = x.const == 0 if scale is None else (x.const == 0) | (scale == 0)
+        return [(x.slots, np.where(zero, 0.0, np.nan))]
+
+    def shrink_config(self, layer, config, masks):
+        mask = masks.inputs[0]
+        config["epsilon"] = float(layer.epsilon) * len(mask) / int(mask.sum())
+        return config
+
+    def shrink_weights(self, layer, masks):
+        mask = masks.inputs[0]
+        factor = np.sqrt(len(mask) / int(mask.sum()))
+        return {v.name: keras.ops.convert_to_numpy(v).astype(np.float64)[mask] * factor
+                for v in layer.weights}
+
+
 def _statistics_reason(kind):
     return (f"{kind} normalizes over the channel axis: removing a channel, even an all-zero "
             "one, changes the mean and variance of the others, so it cannot be removed exactly")
@@ -783,6 +819,7 @@ _REGISTRY = [
     ((L.BatchNormalization,), BatchNormHandler()),
     ((L.LayerNormalization,), LayerNormHandler()),
     ((L.GroupNormalization,), Mixing(_statistics_reason("GroupNormalization"))),
+    *([((L.RMSNormalization,), RMSNormHandler())] if hasattr(L, "RMSNormalization") else []),
     ((L.UnitNormalization,), UnitNormHandler()),
     ((L.Rescaling,), RescalingHandler()),
     (tuple(_OP_NAMES), ElementwiseOp()),
