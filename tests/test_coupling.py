@@ -82,3 +82,23 @@ def test_coupled_group_keeps_a_multiple_of_round_to():
     np.testing.assert_array_equal(masks["stem"], masks["b2"])
     assert masks["b2"].sum() == 4  # 16 - round(0.7 * 16) = 5 kept -> 4
     assert masks["b1"].sum() == 4
+
+
+def test_a_general_grouped_conv_loses_the_same_filter_position_in_every_group():
+    """Filter j of every group of a `groups=4` conv is one coupled unit: all go or none."""
+    from surgery_zoo import grouped_general
+
+    model = grouped_general()
+    pruned = tfprune.prune(model, methods.Magnitude(0.5, structure=structures.Filter()))
+    pruned.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.rand(16, 8, 8, 3).astype("float32")
+    pruned.fit(x, np.random.randint(0, 10, 16), epochs=1, batch_size=8, verbose=0,
+               callbacks=[tfprune.callbacks.Pruning()])
+    g4 = pruned.get_layer("g4")
+    per_group = g4.method.unit_mask(g4).reshape(4, 3)  # [group, filter in group]
+    assert (per_group == per_group[0]).all() and per_group[0].sum() == 1
+    plain = tfprune.strip(pruned)
+    small = tfprune.shrink(plain)
+    assert small.get_layer("g4").filters == 4
+    np.testing.assert_allclose(small.predict(x, verbose=0), plain.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-5)

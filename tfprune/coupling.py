@@ -51,7 +51,7 @@ class Coupling:
         for group in graph.groups:
             members = [(candidates[layer.name], np.asarray(idx))
                        for layer, idx in group.producers if layer.name in candidates]
-            if len({w.name for w, _ in members}) > 1:
+            if len(members) > 1:  # several layers, or one layer several times (groups=)
                 self.groups.append((group.name, group.size, members))
 
     def apply(self, step):
