@@ -157,8 +157,9 @@ def test_int8_forced_sparse_warns_smaller_and_still_matches():
 
 def test_auto_skips_sparse_encoding_for_whole_dead_units_and_says_to_shrink():
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(64, name="hidden"),
-                              keras.layers.Dense(4)])
+    model = keras.Sequential(
+        [keras.Input((32,)), keras.layers.Dense(64, name="hidden"), keras.layers.Dense(4)]
+    )
     kernel = model.get_layer("hidden").kernel.numpy()
     kernel[:, 16:] = 0.0  # 75% of the units dead: a job for shrink, not the sparse encoding
     model.get_layer("hidden").kernel.assign(kernel)
@@ -275,3 +276,140 @@ def test_empty_representative_data_is_an_error():
     model, _ = _model("Dense")
     with pytest.raises(ValueError, match="no samples"):
         export_tflite(model, quantize="int8", representative_data=np.zeros((0, 12), "float32"))
+
+
+# -- converter options ---------------------------------------------------------------------------
+
+SELECT_TF_OPS = {
+    "target_spec.supported_ops": ["TFLITE_BUILTINS", "SELECT_TF_OPS"],
+    "_experimental_lower_tensor_list_ops": False,
+}
+SINGLE_BATCH = {"_experimental_default_to_single_batch_in_tensor_list_ops": True}
+
+
+def _recurrent(kind="LSTM"):
+    """Input (5 steps x 3) -> LSTM/GRU(4) -> Dense(2): needs TensorList ops (variable batch)."""
+    model = keras.Sequential(
+        [keras.Input((5, 3)), getattr(L, kind)(4, name="rnn"), L.Dense(2)], name=f"tiny_{kind}"
+    )
+    x = np.random.default_rng(0).random((6, 5, 3), dtype=np.float32)
+    return model, x
+
+
+def test_recurrent_model_without_options_names_the_op_and_the_options():
+    model, _ = _recurrent()
+    with pytest.raises(ValueError) as info:
+        export_tflite(model)
+    message = str(info.value)
+    assert "tiny_LSTM" in message and "tf.TensorListReserve" in message
+    assert "'target_spec.supported_ops': ['TFLITE_BUILTINS', 'SELECT_TF_OPS']" in message
+    assert "_experimental_default_to_single_batch_in_tensor_list_ops" in message
+
+
+def test_recurrent_model_converts_with_select_tf_ops():
+    # ai-edge-litert's Python interpreter has no Flex delegate: the Select TF ops model
+    # converts (and holds the Flex ops), but run_tflite cannot run it and says why.
+    from tfprune.export.flatbuffer import _flex_ops
+
+    model, x = _recurrent()
+    blob = export_tflite(model, converter_options=SELECT_TF_OPS)
+    assert any(op.startswith("FlexTensorList") for op in _flex_ops(blob))
+    dense = model.layers[-1].kernel.numpy()
+    assert any(
+        v.shape == dense.T.shape and np.allclose(v, dense.T) for v in tflite_weights(blob).values()
+    )
+    with pytest.raises(ValueError, match=r"Flex.*FlexTensorList.*no Flex delegate"):
+        run_tflite(blob, x)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_recurrent_model_with_single_batch_option_matches_keras(kind):
+    model, x = _recurrent(kind)
+    blob = export_tflite(model, converter_options=SINGLE_BATCH)
+    np.testing.assert_allclose(run_tflite(blob, x), model(x), atol=1e-5, rtol=0)
+
+
+def test_unsupported_op_error_names_op_and_layer():
+    import tensorflow as tf
+
+    inputs = keras.Input((4,))
+    outputs = L.Lambda(lambda t: tf.math.digamma(t), name="odd_layer")(inputs)
+    model = keras.Model(inputs, outputs, name="odd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no kernel at all: no "dead units" warning either
+        with pytest.raises(ValueError, match=r"'odd'.*'tf\.Digamma'.*odd_layer.*SELECT_TF_OPS"):
+            export_tflite(model)
+    # Digamma is no Select TF op either: the error says so, names the options given, and
+    # points to custom ops instead of repeating the advice already followed.
+    with pytest.raises(ValueError) as info:
+        export_tflite(model, converter_options=SELECT_TF_OPS)
+    message = str(info.value)
+    assert "converter_options ['_experimental_lower_tensor_list_ops', 'target_spec" in message
+    assert "not in the Select TF ops set" in message and "'allow_custom_ops': True" in message
+
+
+def test_unknown_converter_option_lists_allowed_names():
+    model, _ = _model("Dense")
+    with pytest.raises(ValueError) as info:
+        export_tflite(model, converter_options={"target_spec.supported_op": ["SELECT_TF_OPS"]})
+    message = str(info.value)
+    assert "unknown converter option 'target_spec.supported_op'" in message
+    assert "did you mean ['target_spec.supported_ops'" in message
+    for allowed in (
+        "'allow_custom_ops'",
+        "'_experimental_lower_tensor_list_ops'",
+        "'target_spec.supported_types'",
+    ):
+        assert allowed in message
+    assert "'optimizations'" not in message.split("allowed:")[1]
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"optimizations": set()}, ValueError, r"'optimizations'.*quantize= and sparse="),
+        ({"representative_dataset": None}, ValueError, "representative_data="),
+        ({"inference_input_type": "int8"}, ValueError, "int8_io="),
+        ([("allow_custom_ops", True)], TypeError, "must be a dict"),
+        ({3: True}, TypeError, "attribute names"),
+        ({"target_spec.supported_ops": "SELECT_TF_OPS"}, TypeError, "must be a list"),
+        (
+            {"target_spec.supported_ops": ["SELECT_OPS"]},
+            ValueError,
+            r"'SELECT_OPS'.*allowed.*"
+            r"'SELECT_TF_OPS'",
+        ),
+    ],
+)
+def test_bad_converter_options_are_errors(options, error, match):
+    model, _ = _model("Dense")
+    with pytest.raises(error, match=match):
+        export_tflite(model, converter_options=options)
+
+
+def test_converter_options_conflicting_with_quantize_are_errors():
+    model, x = _model("Dense")
+    with pytest.raises(ValueError, match=r"quantize='int8'.*must contain.*TFLITE_BUILTINS_INT8"):
+        export_tflite(
+            model,
+            quantize="int8",
+            representative_data=x,
+            converter_options={"target_spec.supported_ops": ["TFLITE_BUILTINS"]},
+        )
+    with pytest.raises(ValueError, match=r"quantize='float16'.*must contain.*float16"):
+        export_tflite(
+            model,
+            quantize="float16",
+            converter_options={"target_spec.supported_types": ["float32"]},
+        )
+    # Adding to tfprune's setting keeps it: still a real int8 model.
+    ops = ["TFLITE_BUILTINS_INT8", "TFLITE_BUILTINS", "SELECT_TF_OPS"]
+    blob = export_tflite(
+        model,
+        quantize="int8",
+        representative_data=x,
+        converter_options={"target_spec.supported_ops": ops},
+    )
+    assert _kernel(tflite_weights(blob), (6, 12)).dtype == np.int8
+    ref = np.asarray(model(x))
+    assert np.abs(run_tflite(blob, x) - ref).max() <= 3 * (ref.max() - min(ref.min(), 0)) / 255

@@ -249,19 +249,46 @@ def export_tflite(
             a kernel with at least `AUTO_SPARSITY_THRESHOLD` zeros. ``True``:
             always (float32; dynamic/int8 with a warning; float16 raises).
             ``False``: never.
+        converter_options: Extra settings of the `tf.lite.TFLiteConverter`,
+            ``{attribute name: value}``, set after tfprune's own. Nested
+            attributes are dotted: ``"target_spec.supported_ops"`` (whose
+            list may name `tf.lite.OpsSet` members as strings, e.g.
+            ``["TFLITE_BUILTINS", "SELECT_TF_OPS"]``) or
+            ``"target_spec.supported_types"``. Any public or
+            ``_experimental_*`` attribute of the converter or of its
+            ``target_spec`` is allowed (e.g. ``"allow_custom_ops"``,
+            ``"_experimental_lower_tensor_list_ops"``), except those set by the
+            arguments above (``optimizations``, ``representative_dataset``,
+            ``inference_input_type``, ``inference_output_type``). An option
+            tfprune also sets for ``quantize`` must keep tfprune's value: with
+            ``quantize="int8"``, ``target_spec.supported_ops`` must contain
+            ``TFLITE_BUILTINS_INT8`` and ``TFLITE_BUILTINS``; with
+            ``"float16"``, ``target_spec.supported_types`` must contain
+            ``float16``. Recurrent layers (LSTM, GRU) convert with
+            ``{"_experimental_default_to_single_batch_in_tensor_list_ops":
+            True}`` (builtin ops, LiteRT runs them) or with
+            ``{"target_spec.supported_ops": ["TFLITE_BUILTINS",
+            "SELECT_TF_OPS"], "_experimental_lower_tensor_list_ops": False}``
+            (Select TF ops: they need a runtime linked with the Flex delegate,
+            which ai-edge-litert's Python interpreter, hence `run_tflite`, is
+            not).
 
     Returns:
         The flatbuffer bytes.
 
     Raises:
-        TypeError: If ``model`` is not a Keras model.
+        TypeError: If ``model`` is not a Keras model or ``converter_options``
+            is not a dict with string keys.
         ValueError: If ``quantize`` or ``sparse`` is not an allowed value,
             ``quantize="int8"`` comes without ``representative_data``,
             ``int8_io`` is used without ``quantize="int8"``, the model is
             not built, ``representative_data`` holds NaN/inf values or does
             not match the inputs, the int8 conversion fell back to float (no
-            int8 activation in the result), or a mixed-precision model cannot
-            be rebuilt in float32.
+            int8 activation in the result), a mixed-precision model cannot
+            be rebuilt in float32, a converter option is unknown or conflicts
+            with ``quantize``/``int8_io``/``representative_data``, or the
+            converter fails (the message names the failing op(s), graph
+            node(s) and the options that may help).
 
     Example:
         >>> blob = export_tflite(model, "model.tflite", quantize="int8",
@@ -320,7 +347,7 @@ def export_tflite(
     if sparse == "auto":
         sparsity, dead_units, units = _kernel_sparsity(model)
         use_sparse = quantize is None and sparsity >= AUTO_SPARSITY_THRESHOLD
-        if dead_units >= DEAD_UNITS_WARNING * units:
+        if dead_units and dead_units >= DEAD_UNITS_WARNING * units:
             warnings.warn(
                 f"export_tflite: model '{model.name}' has {dead_units} units whose weights are "
                 f"all zero; LiteRT still computes them. Call tfprune.shrink(model) first to "

@@ -110,6 +110,14 @@ def _normalize(name, value, tf):
     return ops
 
 
+def _show(value) -> str:
+    """``value`` for a message: enum members (``tf.lite.OpsSet``) and dtypes by name."""
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    name = getattr(value, "name", None)
+    return repr(name) if isinstance(name, str) else repr(value)
+
+
 def _apply_options(converter, settings, options, quantize, tf):
     """Sets tfprune's ``settings``, then the user's ``options``, on ``converter``.
 
@@ -144,14 +152,14 @@ def _apply_options(converter, settings, options, quantize, tf):
             ours = settings[name]
             if isinstance(ours, (list, tuple, set)):
                 keeps = all(v in list(value) for v in ours)
-                rule = f"it must contain {list(ours)!r}"
+                rule = f"it must contain {_show(ours)}"
             else:
                 keeps = value == ours
-                rule = f"it must be {ours!r}"
+                rule = f"it must be {_show(ours)}"
             if not keeps:
                 raise ValueError(
-                    f"export_tflite: converter_options[{name!r}] = {value!r} conflicts with "
-                    f"what export_tflite sets for quantize={quantize!r}: {rule}. Change "
+                    f"export_tflite: converter_options[{name!r}] = {_show(value)} conflicts "
+                    f"with what export_tflite sets for quantize={quantize!r}: {rule}. Change "
                     f"`quantize` or the option."
                 )
         assign(name, value)
@@ -171,7 +179,7 @@ def _conversion_error(error, model_name, options) -> ValueError:
     ops, nodes = [], []
     for data in getattr(error, "errors", None) or []:
         name = getattr(getattr(data, "operator", None), "name", "")
-        if name and name not in ops:
+        if name and name != "tf.Const" and name not in ops:  # constants are never the cause
             ops.append(name)
     for match in _OP.finditer(text):
         name = match.group(1) or match.group(2)
@@ -197,6 +205,12 @@ def _conversion_error(error, model_name, options) -> ValueError:
             "time), or " + SELECT_OPS_HINT[:-1] + ", '_experimental_lower_tensor_list_ops': "
             "False} for Select TF (Flex) ops, which need a runtime linked with the Flex delegate "
             "(ai-edge-litert's Python interpreter is not)."
+        )
+    elif "SELECT_TF_OPS" in _show(options.get("target_spec.supported_ops", [])):
+        hint = (
+            "The op is not in the Select TF ops set either: "
+            "converter_options={'allow_custom_ops': True} keeps it as a custom op (the runtime "
+            "then needs a kernel registered for it), or replace the layer."
         )
     else:
         hint = (
