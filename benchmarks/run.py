@@ -255,18 +255,12 @@ def _train_tfprune(model_name, config, init, data, settings, schedule):
         trained = model
     else:
         method = config.make(schedule)
-        layers = None
-        if not config.prune_output:
-            from tfprune.handlers import get_handler
-
+        if config.prune_output:
+            trained = tfprune.prune(model, method)
+        else:
             output_name = model.layers[-1].name
-
-            def layers(layer):
-                if layer.name == output_name or get_handler(layer) is None:
-                    return None
-                return method
-
-        trained = tfprune.prune(model, method, layers=layers)
+            trained = tfprune.prune(
+                model, layers=lambda layer: None if layer.name == output_name else method)
         callbacks.append(tfprune.callbacks.Pruning())
     _compile(trained, settings.lr_finetune)
     trained.fit(x_train, y_train, epochs=settings.finetune, batch_size=settings.batch_size,

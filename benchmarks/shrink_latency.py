@@ -172,7 +172,7 @@ def prune_units(model, fraction, structure=None, output=False):
             return None
         return method
 
-    pruned = tfprune.prune(model, method, layers=select)
+    pruned = tfprune.prune(model, layers=select)
     pruned.compile(keras.optimizers.SGD(0.0),
                    keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = _random_batch(model, 8)
