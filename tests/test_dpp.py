@@ -104,7 +104,7 @@ def test_relaxed_draw_equals_k_sequential_softmaxes(k):
                                      ((2, 3, 16), 5), ((4, 4), 4)])
 def test_short_run_path_equals_top_k_path(monkeypatch, shape, k):
     """Short runs (pairwise ranks, closed-form softmax Jacobian) == the top_k closed form."""
-    from tfprune.methods import dpp
+    from tfprune.methods import dpp_sampler
 
     rng = np.random.default_rng(0)
     y = rng.normal(size=shape).astype("float32")
@@ -120,7 +120,7 @@ def test_short_run_path_equals_top_k_path(monkeypatch, shape, k):
         return mask.numpy(), tape.gradient(loss, yv).numpy()
 
     short = run()
-    monkeypatch.setattr(dpp, "_PAIRWISE_MAX_N", 0)
+    monkeypatch.setattr(dpp_sampler, "_PAIRWISE_MAX_N", 0)
     long = run()
     np.testing.assert_array_equal(short[0], long[0])
     np.testing.assert_allclose(short[1], long[1], atol=1e-6)
@@ -128,9 +128,9 @@ def test_short_run_path_equals_top_k_path(monkeypatch, shape, k):
 
 @pytest.mark.parametrize("pairwise_max_n", [16, 0])
 def test_relaxed_draw_is_stable_for_extreme_logits(monkeypatch, pairwise_max_n):
-    from tfprune.methods import dpp
+    from tfprune.methods import dpp_sampler
 
-    monkeypatch.setattr(dpp, "_PAIRWISE_MAX_N", pairwise_max_n)
+    monkeypatch.setattr(dpp_sampler, "_PAIRWISE_MAX_N", pairwise_max_n)
     y = tf.Variable([[300.0, -300.0, 0.0, 1e4, -1e4, 5.0]])
     with tf.GradientTape() as tape:
         mask = relaxed_topk_mask(y, 3, 0.05)
@@ -170,7 +170,7 @@ def test_training_masks_and_gradients_equal_the_reference_layout(monkeypatch, un
     """Runs along axis 1 (no transposes), the short-run path and the hand-written entropy
     gradient give the masks of the reference path bit for bit (same seed and step, same
     noise draws) and its gradients up to rounding."""
-    from tfprune.methods import dpp
+    from tfprune.methods import dpp_sampler
 
     keras.utils.set_random_seed(3)
     wrapper = tfprune.PruneWrapper(keras.layers.Dense(units),
@@ -196,7 +196,7 @@ def test_training_masks_and_gradients_equal_the_reference_layout(monkeypatch, un
                 [g.numpy() for g in grads])
 
     new = loss_and_grads(lambda: (method.group_masks(wrapper, True), method.entropy()))
-    monkeypatch.setattr(dpp, "_PAIRWISE_MAX_N", 0)
+    monkeypatch.setattr(dpp_sampler, "_PAIRWISE_MAX_N", 0)
     ref = loss_and_grads(lambda: _reference_masks_and_entropy(method, wrapper, tau))
     for name in new[0]:
         np.testing.assert_array_equal(new[0][name], ref[0][name])
@@ -294,6 +294,25 @@ def test_keras_round_trip_restores_logits_temperature_and_outputs(tmp_path):
     loaded.fit(x, _data()[1], epochs=1, batch_size=16, verbose=0,
                callbacks=[tfprune.callbacks.Pruning()])
     assert int(loaded.get_layer("dense").step.numpy()) == 12
+
+
+def test_split_modules_keep_the_import_paths_and_the_registered_name():
+    """The sampler and the metrics live in their own modules; every public name stays
+    importable from `tfprune.methods.dpp` (the same objects), and `.keras` files keep
+    naming the method "tfprune>DPP" in module `tfprune.methods.dpp`."""
+    from tfprune.methods import dpp, dpp_metrics, dpp_sampler
+
+    for module, names in ((dpp_sampler, ["temperature_at", "relaxed_topk_mask"]),
+                          (dpp_metrics, ["mask_metrics", "DPPMetricsHistory", "plot_masks"])):
+        for name in names:
+            assert getattr(dpp, name) is getattr(module, name), name
+            assert name in dpp.__all__
+    assert methods.DPP is dpp.DPP is DPP
+    config = keras.saving.serialize_keras_object(DPP(2, 4))
+    assert config["registered_name"] == "tfprune>DPP"
+    assert config["module"] == "tfprune.methods.dpp" and config["class_name"] == "DPP"
+    # A config written before the split (same names) still loads.
+    assert isinstance(keras.saving.deserialize_keras_object(config), DPP)
 
 
 def test_config_round_trip():

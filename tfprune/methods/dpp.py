@@ -22,9 +22,11 @@ on ``softmax(logits)`` of each run sharpens the keep distributions, and
 quantization (`tfprune.quantization`) in the same run, since the masks do not
 depend on the weights' magnitudes.
 
-The module also provides the mask metrics (`mask_metrics`), a callback that
-records them during training (`DPPMetricsHistory`) and a figure helper
-(`plot_masks`).
+This module holds the method; the sampler (temperature schedule, relaxed
+top-k, entropy of the runs: pure functions) is in `tfprune.methods.dpp_sampler`
+and the mask metrics (`mask_metrics`), the callback that records them
+(`DPPMetricsHistory`) and the figure helper (`plot_masks`) are in
+`tfprune.methods.dpp_metrics`. Their public names are importable from here too.
 
 References:
     Gonzalez-Carabarin, Huijben, Veeling, Schmid, van Sloun, "Dynamic
@@ -50,196 +52,27 @@ from tfprune import structures as structures_lib
 from tfprune._utils import check_int
 from tfprune.handlers import canonical_shape, from_canonical, to_canonical
 from tfprune.methods.base import Method, read_value, step_seed
+from tfprune.methods.dpp_metrics import (  # noqa: F401 (re-exported)
+    DPPMetricsHistory,
+    layer_metrics,
+    mask_metrics,
+    plot_masks,
+)
+from tfprune.methods.dpp_sampler import (  # noqa: F401 (re-exported)
+    _ANNEALS,
+    _check_temperature,
+    entropy_runs,
+    relaxed_topk_mask,
+    relaxed_topk_runs,
+    temperature_at,
+)
 
-_PKG = "tfprune"
+_PKG = "tfprune"  # the Keras registration package: `.keras` files name "tfprune>DPP"
 _NEG = -1e9  # logit of a padding slot in a trailing short run: never kept if avoidable
-_PAIRWISE_MAX_N = 16  # runs up to this long rank by pairwise comparisons, not top_k
-_ANNEALS = ("linear", "exponential")
 _BASES = (structures_lib.Unstructured, structures_lib.Kernel, structures_lib.Filter)
 
-
-def temperature_at(step, temperature=(5.0, 0.5), anneal_steps=1, anneal="linear"):
-    """Temperature of the relaxed draw at training step ``step`` (0-based).
-
-    ``frac = clip(step / max(anneal_steps - 1, 1), 0, 1)``; linear:
-    ``t0 + (t1 - t0) * frac``; exponential: ``t0 * (t1 / t0) ** frac``. So the
-    first step uses ``t0``, step ``anneal_steps - 1`` and later ``t1``.
-
-    Args:
-        step: an int, numpy array or tensor.
-        temperature: ``(t0, t1)`` (or one positive float for a constant).
-        anneal_steps: length of the anneal in steps (int or tensor).
-        anneal: ``"linear"`` or ``"exponential"``.
-
-    Returns:
-        A float32 tensor of ``step``'s shape.
-
-    Example:
-        >>> float(temperature_at(50, (5.0, 0.5), 101))
-        2.75
-    """
-    t0, t1 = _check_temperature(temperature, "temperature_at")
-    step = ops.cast(step, "float32")
-    denom = ops.maximum(ops.cast(anneal_steps, "float32") - 1.0, 1.0)
-    frac = ops.clip(step / denom, 0.0, 1.0)
-    if anneal == "exponential":
-        return t0 * ops.power(t1 / t0, frac)
-    if anneal == "linear":
-        return t0 + (t1 - t0) * frac
-    raise ValueError(f"temperature_at: `anneal` must be one of {list(_ANNEALS)}, got {anneal!r}.")
-
-
-def _check_temperature(temperature, owner):
-    pair = temperature if isinstance(temperature, (tuple, list)) else (temperature, temperature)
-    ok = len(pair) == 2 and all(
-        isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 and math.isfinite(t)
-        for t in pair)
-    if not ok:
-        raise ValueError(
-            f"{owner}: `temperature` must be a positive float or a pair (start, end) of "
-            f"positive floats, got {temperature!r}.")
-    return float(pair[0]), float(pair[1])
-
-
-def relaxed_topk_mask(logits, k, tau, noise=None):
-    """Exact k-hot mask of the top-k of ``logits + noise``, with relaxed gradients.
-
-    Forward value: 1 for the ``k`` largest entries of ``y = logits + noise``
-    along the last axis, 0 elsewhere (exactly k ones per row). Gradient: that
-    of ``soft = sum_{j=1..k} softmax_j``, where ``softmax_j`` is the softmax of
-    ``y / tau`` over the entries not among the j-1 largest (the relaxed
-    sequential draw of k entries without replacement), through the
-    straight-through estimator ``hard + (soft - stop_gradient(soft))``.
-
-    The k softmaxes are computed in closed form from the sorted top-k values
-    (``O(n + k^2)`` per row instead of ``O(n k)``), with every exponent <= 0,
-    so it is stable for any logit range.
-
-    Args:
-        logits: ``[..., n]`` float tensor.
-        k: int, ``1 <= k <= n``.
-        tau: positive temperature (float or scalar tensor).
-        noise: None or a tensor of ``logits``' shape (e.g. scaled Gumbel noise).
-
-    Returns:
-        ``[..., n]`` float tensor.
-
-    Example:
-        >>> m = relaxed_topk_mask(keras.ops.convert_to_tensor([[3.0, 1.0, 2.0, 0.0]]), 2, 1.0)
-        >>> keras.ops.convert_to_numpy(m)
-        array([[1., 0., 1., 0.]], dtype=float32)
-    """
-    y = logits if noise is None else logits + noise
-    shape = tuple(y.shape)
-    n = int(shape[-1])
-    if n <= _PAIRWISE_MAX_N:
-        return _relaxed_topk_short(y, k, tau)
-    rows = math.prod(shape[:-1])
-    vals, idx = ops.top_k(y, k, sorted=True)  # [..., k], descending
-    # Rank (1..k) of every kept entry, 0 elsewhere, by one integer scatter.
-    flat_idx = ops.reshape(ops.cast(idx, "int32"), (rows, k))
-    flat_idx = flat_idx + ops.arange(rows, dtype="int32")[:, None] * n
-    ranks = ops.scatter(ops.reshape(flat_idx, (-1, 1)),
-                        ops.tile(ops.arange(1, k + 1, dtype="int32"), (rows,)), (rows * n,))
-    ranks = ops.reshape(ranks, shape)
-    hard = ops.cast(ranks > 0, y.dtype)
-    rank0 = ops.where(ranks > 0, ranks - 1, k)  # k = "not kept"
-
-    c = vals[..., k - 1:k]  # the k-th largest value
-    # e[r, j] = exp((y_(r) - y_(j)) / tau) for j <= r (each <= 1), 0 above the diagonal.
-    lower = ops.convert_to_tensor(np.tril(np.ones((k, k), "float32")), y.dtype)
-    diff = (vals[..., :, None] - vals[..., None, :]) / tau
-    e = ops.exp(ops.minimum(diff, 0.0)) * lower
-    rest = ops.exp(ops.minimum(y - c, 0.0) / tau) * (1.0 - hard)  # not-kept entries, <= 1
-    s_rest = ops.sum(rest, axis=-1, keepdims=True)
-    a = ops.exp((c - vals) / tau)  # <= 1
-    # Normalizer of draw j (scaled by exp(-y_(j)/tau)): the entries not drawn before j.
-    z = ops.sum(e, axis=-2) + a * s_rest
-    soft_kept = ops.sum(e / z[..., None, :], axis=-1)  # [..., k]: soft value of rank r
-    soft_rest = rest * ops.sum(a / z, axis=-1, keepdims=True)
-    soft_kept = ops.concatenate([soft_kept, ops.zeros_like(soft_kept[..., :1])], axis=-1)
-    soft = soft_rest + ops.take_along_axis(soft_kept, rank0, axis=-1)
-    return hard + (soft - ops.stop_gradient(soft))
-
-
-def _relaxed_topk_short(y, k, tau, axis=-1):
-    """`relaxed_topk_mask` for short rows (``n <= _PAIRWISE_MAX_N``) along ``axis``.
-
-    On many short rows TF's top_k, scatter and gather, and the autodiff of the
-    closed form (broadcasts over ``[..., k, k]``), cost far more than the layer
-    itself. Here the ranks come from pairwise comparisons (the order of top_k:
-    ties go to the lower index), the forward value is the hard mask itself
-    (``hard + (soft - soft)`` is exactly ``hard``) and the gradient is the
-    Jacobian of the relaxed draw in closed form: draw ``r`` is a softmax
-    ``p_r`` of ``y / tau`` over the entries of rank >= r (shifted by its
-    maximum, the r-th largest value), and
-    ``d soft / d y_j = sum_r p_rj (g_j - sum_i g_i p_ri) / tau``. The draws are
-    only computed in the backward pass.
-
-    ``axis`` may be a middle axis: DPP works on ``[runs, n, B]`` (a reshape of
-    the group grid) so that no transpose is needed and each comparison is an
-    elementwise op on contiguous ``[runs, B]`` slices.
-    """
-    n = int(y.shape[axis])
-    # 0-based rank of entry i: i + #{j > i: y_j > y_i} - #{j < i: y_i > y_j}, i.e. the
-    # entries before it (larger, or equal with a lower index), one comparison per pair.
-    cols = ops.unstack(y, n, axis=axis)
-    counts = [i for i in range(n)]
-    for i in range(n):
-        for j in range(i + 1, n):
-            c = ops.cast(ops.greater(cols[j], cols[i]), "int32")  # j before i
-            counts[i] = counts[i] + c
-            counts[j] = counts[j] - c
-    rank0 = ops.stack([ops.broadcast_to(c, ops.shape(cols[0])) for c in counts], axis=axis)
-    hard = ops.cast(rank0 < k, y.dtype)
-    tau = ops.cast(tau, y.dtype)
-
-    @ops.custom_gradient
-    def relaxed(y):
-        def grad(*args, upstream=None):
-            g = args[0] if upstream is None else upstream
-            ys = ops.stop_gradient(y) / tau
-            out = 0.0
-            for r in range(k):
-                if r == 0:
-                    e = ops.exp(ys - ops.max(ys, axis=axis, keepdims=True))
-                else:
-                    left = rank0 >= r  # not drawn before draw r
-                    top = ops.max(ops.where(left, ys, -np.inf), axis=axis, keepdims=True)
-                    e = ops.where(left, ops.exp(ys - top), 0.0)  # exponents <= 0 where left
-                p = e / ops.sum(e, axis=axis, keepdims=True)
-                out = out + p * (g - ops.sum(g * p, axis=axis, keepdims=True))
-            return out / tau
-
-        return hard, grad
-
-    return relaxed(y)
-
-
-def _entropy_runs(x, axis):
-    """``sum over runs of H(softmax(x along axis))`` with a hand-written gradient.
-
-    ``dH/dx_j = -p_j (log p_j + H_run)``; entries with ``p = 0`` (padding) add 0.
-    """
-
-    @ops.custom_gradient
-    def entropy(x):
-        x = ops.stop_gradient(x)
-        z = x - ops.max(x, axis=axis, keepdims=True)
-        ez = ops.exp(z)
-        s = ops.sum(ez, axis=axis, keepdims=True)
-        logp = z - ops.log(s)
-        p = ez / s
-        plogp = p * logp
-        h_run = -ops.sum(plogp, axis=axis, keepdims=True)
-
-        def grad(*args, upstream=None):
-            g = args[0] if upstream is None else upstream
-            return (-g) * (plogp + p * h_run)
-
-        return ops.sum(h_run), grad
-
-    return entropy(x)
+__all__ = ["DPP", "DPPMetricsHistory", "mask_metrics", "plot_masks", "relaxed_topk_mask",
+           "temperature_at"]
 
 
 @dataclasses.dataclass
@@ -588,12 +421,7 @@ class DPP(Method):
                     # moved to [R, n, B] without a gradient.
                     u = self.uniform_noise(wrapper, i, (e.runs, e.grid[1], e.n))
                     x = x + ops.transpose(-self.noise_scale * ops.log(-ops.log(u)), (0, 2, 1))
-                if e.n <= _PAIRWISE_MAX_N:
-                    mask = _relaxed_topk_short(x, k, tau, axis=1)
-                else:
-                    x = ops.transpose(x, (0, 2, 1))
-                    mask = ops.transpose(relaxed_topk_mask(x, k, tau), (0, 2, 1))
-                out[e.name] = e.from_runs(mask)
+                out[e.name] = e.from_runs(relaxed_topk_runs(x, k, tau))
             else:
                 out[e.name] = structures_lib.k_of_n_mask(logits, e.k, e.n)
         return out
@@ -602,7 +430,7 @@ class DPP(Method):
         """``sum over runs of H(softmax(logits of the run))`` over all kernels (tensor)."""
         total = 0.0
         for e in self._entries:
-            total = total + _entropy_runs(e.to_runs(read_value(e.logits, "float32"), _NEG), 1)
+            total = total + entropy_runs(e.to_runs(read_value(e.logits, "float32"), _NEG), 1)
         return total
 
     def effective_variables(self, wrapper, training):
@@ -670,204 +498,11 @@ class DPP(Method):
     # -- metrics -----------------------------------------------------------------
     def metrics(self, wrapper):
         """``{"confidence": float, "diversity": float}`` of this layer (see `mask_metrics`)."""
-        conf_sum = conf_n = div_sum = div_n = 0.0
-        for e in self._entries:
-            logits = np.asarray(ops.convert_to_numpy(e.logits), "float64")
-            c, nc = _confidence(logits, e.k, e.n)
-            d, nd = _diversity(logits, e.k, e.n)
-            conf_sum, conf_n = conf_sum + c * nc, conf_n + nc
-            if nd:
-                div_sum, div_n = div_sum + d * nd, div_n + nd
-        return {"confidence": conf_sum / conf_n if conf_n else float("nan"),
-                "diversity": div_sum / div_n if div_n else float("nan")}
+        return layer_metrics([(ops.convert_to_numpy(e.logits), e.k, e.n)
+                              for e in self._entries])
 
     def logs(self, wrapper):
         out = {"temperature": self.current_temperature(wrapper)}
         out.update({key: v for key, v in self.metrics(wrapper).items() if math.isfinite(v)})
         return out
 
-
-# ---------------------------------------------------------------------------
-# Metrics.
-
-
-def _runs_np(logits, n, fill):
-    a, b = logits.shape
-    runs = math.ceil(a / n)
-    x = np.full((runs * n, b), fill, dtype="float64")
-    x[:a] = logits
-    return x.reshape(runs, n, b).transpose(0, 2, 1)  # [R, B, n]
-
-
-def _confidence(logits, k, n):
-    """(mean confidence over runs, number of runs) of one ``[A, B]`` logits grid."""
-    a, _ = logits.shape
-    x = _runs_np(logits, n, -np.inf)
-    m = np.isfinite(x).sum(-1)  # valid groups per run
-    shifted = x - x.max(-1, keepdims=True)
-    p = np.exp(shifted)
-    p /= p.sum(-1, keepdims=True)
-    h = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
-    kk = np.minimum(k, m)
-    lo, hi = np.log(kk), np.log(m)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        conf = 1.0 - np.clip((h - lo) / (hi - lo), 0.0, 1.0)
-    conf = np.where(m > kk, conf, 1.0)
-    return float(conf.mean()), conf.size
-
-
-def _diversity(logits, k, n):
-    """(diversity over the full runs, number of full runs) of one ``[A, B]`` logits grid."""
-    a, _ = logits.shape
-    n_eff = min(n, a)
-    full = a // n_eff
-    if k >= n_eff or full * logits.shape[1] < 2:
-        return float("nan"), 0
-    mask = np.asarray(ops.convert_to_numpy(
-        structures_lib.k_of_n_mask(ops.convert_to_tensor(logits[: full * n_eff], "float32"),
-                                   k, n_eff)), "float64")
-    runs = _runs_np(mask, n_eff, 0.0).reshape(-1, n_eff)  # [R*B, n]
-    q = runs.mean(0) / k
-    h = -np.sum(q[q > 0] * np.log(q[q > 0]))
-    return float(np.clip((h - np.log(k)) / (np.log(n_eff) - np.log(k)), 0.0, 1.0)), runs.shape[0]
-
-
-def mask_metrics(model):
-    """Per-layer *confidence* and *diversity* of the DPP masks of ``model``.
-
-    Definitions, for one kernel with runs of ``n`` groups of which ``k`` are
-    kept (a trailing short run of ``m`` groups: ``k' = min(k, m)``):
-
-    * **confidence** = mean over runs of
-      ``1 - clip((H(p) - log k') / (log m - log k'), 0, 1)``, where
-      ``p = softmax(logits of the run)`` is the run's keep distribution and
-      ``H`` the entropy in nats. ``log k'`` is the entropy of an ideal keep
-      distribution (uniform over exactly k' groups) and ``log m`` that of the
-      uniform one, so the confidence is 0 for uniform logits (every mask
-      equally likely) and 1 when the probability mass sits on k' groups (the
-      sampled mask no longer changes). Runs with ``m <= k'`` count as 1.
-    * **diversity** = ``(H(q) - log k) / (log n - log k)`` (clipped to [0, 1]),
-      where ``q`` is the mean over the full runs of the inference masks
-      divided by k (the distribution of the kept positions within a run). It
-      is 0 when every run keeps the same positions and 1 when all positions
-      are kept equally often. NaN when it is undefined (fewer than two full
-      runs, e.g. `Filter()` with ``n=None``, or ``k = n``).
-
-    A layer with several kernels (SeparableConv) averages them, weighted by
-    their number of runs.
-
-    Args:
-        model: a pruned model (or a single `PruneWrapper`).
-
-    Returns:
-        ``{layer name: {"confidence": float, "diversity": float}}`` for every
-        layer pruned with `DPP`.
-
-    Example:
-        >>> mask_metrics(pruned)  # doctest: +SKIP
-        {'conv2d': {'confidence': 0.41, 'diversity': 0.93}, ...}
-    """
-    from tfprune.wrapper import find_wrappers
-
-    return {w.name: w.method.metrics(w) for w in find_wrappers(model)
-            if isinstance(w.method, DPP)}
-
-
-class DPPMetricsHistory(keras.callbacks.Callback):
-    """Records `mask_metrics` and the temperature of every DPP layer after each epoch.
-
-    Use it next to `tfprune.callbacks.Pruning` and pass it to `plot_masks`.
-
-    Attributes:
-        epochs: the recorded epochs (0 = before training, e = after epoch e).
-        history: ``{layer: {"confidence": [...], "diversity": [...],
-            "temperature": [...]}}``, aligned with ``epochs``.
-
-    Example:
-        >>> hist = DPPMetricsHistory()
-        >>> pruned.fit(x, y, epochs=5, callbacks=[tfprune.callbacks.Pruning(), hist])
-        ... # doctest: +SKIP
-        >>> fig = plot_masks(pruned, hist)  # doctest: +SKIP
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.epochs = []
-        self.history = {}
-
-    def record(self, epoch):
-        from tfprune.wrapper import find_wrappers
-
-        self.epochs.append(epoch)
-        for w in find_wrappers(self.model):
-            if not isinstance(w.method, DPP):
-                continue
-            row = dict(w.method.metrics(w), temperature=w.method.current_temperature(w))
-            hist = self.history.setdefault(w.name, {key: [] for key in row})
-            for key, value in row.items():
-                hist[key].append(value)
-
-    def on_train_begin(self, logs=None):
-        if not self.epochs:
-            self.record(0)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.record(epoch + 1)
-
-
-def plot_masks(model, history=None, *, max_layers=6):
-    """A figure of the DPP inference masks and, with ``history``, the metric curves.
-
-    Top row: each DPP layer's mask of its unit kernel as a ``[fan_in, units]``
-    image (white = kept), titled with its confidence and diversity. With a
-    `DPPMetricsHistory`, a second row shows confidence, diversity and
-    temperature per layer over the epochs. Needs matplotlib (imported here).
-
-    Args:
-        model: a pruned model.
-        history: a `DPPMetricsHistory` (or None).
-        max_layers: the first this many DPP layers are drawn.
-
-    Returns:
-        A `matplotlib.figure.Figure`.
-
-    Example:
-        >>> history = DPPMetricsHistory()
-        >>> pruned.fit(x, y, epochs=5, callbacks=[tfprune.callbacks.Pruning(), history])
-        ... # doctest: +SKIP
-        >>> plot_masks(pruned, history).savefig("dpp_masks.png")  # doctest: +SKIP
-    """
-    import matplotlib.pyplot as plt
-
-    from tfprune.callbacks import mask_image
-    from tfprune.wrapper import find_wrappers
-
-    wrappers = [w for w in find_wrappers(model) if isinstance(w.method, DPP)][:max_layers]
-    if not wrappers:
-        raise ValueError(f"plot_masks: model '{model.name}' has no layer pruned with DPP.")
-    cols = max(len(wrappers), 3 if history is not None else 1)
-    rows = 2 if history is not None else 1
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes[0]:
-        ax.axis("off")
-    for ax, w in zip(axes[0], wrappers):
-        image = mask_image(w)
-        met = w.method.metrics(w)
-        ax.imshow(image, cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-        ax.set_title(f"{w.name}\nconf {met['confidence']:.2f}  div {met['diversity']:.2f}",
-                     fontsize=9)
-        ax.axis("on")
-        ax.set_xlabel("units")
-        ax.set_ylabel("fan-in")
-    if history is not None:
-        for ax in axes[1]:
-            ax.axis("off")
-        for ax, key in zip(axes[1], ("confidence", "diversity", "temperature")):
-            ax.axis("on")
-            for name, hist in history.history.items():
-                ax.plot(history.epochs, hist[key], marker="o", label=name)
-            ax.set_xlabel("epoch")
-            ax.set_title(key, fontsize=9)
-        axes[1][0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
