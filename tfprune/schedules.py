@@ -151,11 +151,36 @@ class PolynomialDecay(PruningSchedule):
 
 
 def get(identifier):
-    """Resolves None, a config dict or an instance."""
-    if identifier is None or isinstance(identifier, PruningSchedule):
-        return identifier
-    if isinstance(identifier, dict):
-        obj = keras.saving.deserialize_keras_object(identifier)
-        if isinstance(obj, PruningSchedule):
-            return obj
-    raise TypeError(f"Could not interpret schedule identifier: {identifier!r}.")
+    """Resolves None, a schedule instance or config dict (the shared ``get()`` rules).
+
+    The rules are those of `tfprune.methods.get` and `tfprune.structures.get`.
+    Every schedule needs arguments, so its registered names
+    (``"constant_sparsity"``, ``"polynomial_decay"``) are errors that say so.
+
+    Args:
+        identifier: None (no schedule: the method's own default timing), a
+            `PruningSchedule` (returned as is), or a config dict from
+            ``keras.saving.serialize_keras_object(schedule)``.
+
+    Returns:
+        A `PruningSchedule`, or None for None.
+
+    Raises:
+        ValueError: a name (unknown, or of a schedule: those need arguments),
+            or a config dict that cannot be deserialized.
+        TypeError: any other type, a class instead of an instance, or a config
+            dict of something that is not a `PruningSchedule`.
+
+    Example:
+        >>> schedules.get(None) is None
+        True
+    """
+    from tfprune._utils import resolve_identifier
+
+    names = {"constant_sparsity": ConstantSparsity, "polynomial_decay": PolynomialDecay}
+    return resolve_identifier(
+        identifier, argument="schedule", base=PruningSchedule, names=names,
+        kind="a tfprune.schedules.PruningSchedule",
+        example="schedules.PolynomialDecay(0.0, 0.8, begin_step=0, end_step=1000)",
+        prefix="schedules.",
+        needs_arguments=tuple(names), none=lambda: None, none_means="no schedule")

@@ -304,36 +304,52 @@ ALL = {
     "block": Block,
     "k_out_of_n": KOutOfN,
 }
+# Names whose class must be given as an instance: its arguments have no meaningful default.
+_NEEDS_ARGUMENTS = ("block", "k_out_of_n")
 
 
 def serialize(structure):
+    """The config dict of ``structure`` (``keras.saving.serialize_keras_object``), for `get`."""
     return keras.saving.serialize_keras_object(structure)
 
 
 def get(identifier):
-    """Resolves None, a name (``"filter"``), a config dict or an instance.
+    """Resolves None, a structure instance, name or config dict (the shared ``get()`` rules).
+
+    The rules are those of `tfprune.methods.get` and `tfprune.schedules.get`.
+
+    Args:
+        identifier: None (`Unstructured()`, the default structure of every
+            method); a `Structure` (returned as is); a name of `ALL` (case,
+            ``-`` and ``_`` do not matter): ``"unstructured"``, ``"kernel"``
+            and ``"filter"`` build the class with its default arguments,
+            ``"block"`` and ``"k_out_of_n"`` are errors (give
+            ``Block(shape)`` / ``KOutOfN(k, n)``); or a config dict from
+            ``keras.saving.serialize_keras_object(structure)``.
+
+    Returns:
+        A `Structure`.
+
+    Raises:
+        ValueError: an unknown name (the message lists the allowed ones), the
+            name of a structure that needs arguments, or a config dict that
+            cannot be deserialized.
+        TypeError: any other type, a class instead of an instance, or a config
+            dict of something that is not a `Structure`.
 
     Example:
         >>> structures.get("filter")
         Filter()
+        >>> structures.get("K-Out-Of-N")  # doctest: +SKIP
+        ValueError: `structure`='K-Out-Of-N' names KOutOfN, which needs arguments: ...
     """
-    if identifier is None:
-        return Unstructured()
-    if isinstance(identifier, Structure):
-        return identifier
-    if isinstance(identifier, str):
-        key = identifier.lower().replace("-", "_")
-        if key in ALL and key not in ("block", "k_out_of_n"):
-            return ALL[key]()
-        raise ValueError(
-            f"Unknown structure {identifier!r}; allowed names: 'unstructured', 'kernel', "
-            "'filter' (use Block(shape) / KOutOfN(k, n) instances for the others)."
-        )
-    if isinstance(identifier, dict):
-        obj = keras.saving.deserialize_keras_object(identifier)
-        if isinstance(obj, Structure):
-            return obj
-    raise TypeError(f"Could not interpret structure identifier: {identifier!r}.")
+    from tfprune._utils import resolve_identifier
+
+    return resolve_identifier(
+        identifier, argument="structure", base=Structure, names=ALL,
+        kind="a tfprune.structures.Structure", example="structures.Filter()",
+        prefix="structures.",
+        needs_arguments=_NEEDS_ARGUMENTS, none=Unstructured, none_means="= Unstructured()")
 
 
 # ---------------------------------------------------------------------------

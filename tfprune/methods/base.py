@@ -361,38 +361,42 @@ class MaskedMethod(Method):
 
 
 def get(identifier):
-    """Resolves a method name (``"magnitude"``), config dict or instance.
+    """Resolves a method instance, name or config dict (the shared ``get()`` rules).
+
+    The rules of `tfprune.methods.get`, `tfprune.structures.get` and
+    `tfprune.schedules.get` are the same: an instance is returned as is; a
+    registered name (case, ``-`` and ``_`` do not matter) builds the class
+    with its default arguments, and a class that needs arguments is a
+    ValueError saying so; a config dict from
+    ``keras.saving.serialize_keras_object`` is deserialized; None is accepted
+    only where it means something (not here: a method is required).
 
     Args:
-        identifier: a `Method`, a name of `tfprune.methods.BY_NAME` (built
-            with its default arguments), or a config dict from
-            ``keras.saving.serialize_keras_object(method)``.
+        identifier: a `Method`; a name of `tfprune.methods.BY_NAME`
+            (``"turbo_vbi"``, ``"TurboVBI"``: `TurboVBI()`; ``"dpp"`` and
+            ``"magnitude"`` need arguments, so their names are errors); or a
+            config dict from ``keras.saving.serialize_keras_object(method)``.
 
     Returns:
         A `Method`.
 
     Raises:
-        ValueError: unknown name. TypeError: anything else.
+        ValueError: an unknown name (the message lists the allowed ones), the
+            name of a method that needs arguments, or a config dict that
+            cannot be deserialized.
+        TypeError: None or any other type, a class instead of an instance, or
+            a config dict of something that is not a `Method`.
 
     Example:
         >>> methods.get(methods.Magnitude(0.5))
         Magnitude(sparsity=0.5, schedule=None, structure=Unstructured())
+        >>> methods.get("turbo-vbi")  # doctest: +SKIP
         >>> methods.get(keras.saving.serialize_keras_object(methods.DPP(2, 4)))  # doctest: +SKIP
     """
     from tfprune import methods as methods_pkg
+    from tfprune._utils import resolve_identifier
 
-    if isinstance(identifier, Method):
-        return identifier
-    if isinstance(identifier, str):
-        key = identifier.lower().replace("-", "_")
-        if key in methods_pkg.BY_NAME:
-            return methods_pkg.BY_NAME[key]()
-        raise ValueError(f"Unknown method {identifier!r}; allowed: {sorted(methods_pkg.BY_NAME)}.")
-    if isinstance(identifier, dict):
-        obj = keras.saving.deserialize_keras_object(identifier)
-        if isinstance(obj, Method):
-            return obj
-    raise TypeError(
-        "`method` must be a tfprune.methods.Method (e.g. methods.Magnitude(0.5)), "
-        f"got {identifier!r}."
-    )
+    return resolve_identifier(
+        identifier, argument="method", base=Method, names=methods_pkg.BY_NAME,
+        kind="a tfprune.methods.Method", example="methods.Magnitude(0.5)",
+        prefix="methods.")
