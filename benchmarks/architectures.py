@@ -347,7 +347,7 @@ def render_markdown(data):
     info, rows = data["machine"], data["rows"]
     commits = sorted({r.get("commit", "?") for r in rows})
     lines = [
-        "# Supported architectures: shrink on keras.applications\n\n",
+        "# Architecture zoo: Filter pruning, strip, shrink\n\n",
         common.machine_markdown(info),
         f"- commit: {', '.join(commits)}\n",
         f"- platform: {info.get('platform', '?')}\n",

@@ -14,7 +14,12 @@ hooks keep ``mkdocs build --strict`` passing either way:
   and the images there are published next to that page
   (``benchmarks/<name>``), so relative image links in the included files keep
   working; images no included file references are appended. Without results
-  the marker becomes a note.
+  the marker becomes a note;
+- ``<!-- results:NAME.md -->`` in any page is replaced by
+  ``benchmarks/results/NAME.md`` (headings demoted one level), or a note when
+  it is absent. Results with a page of their own (``_OWN_PAGE``, e.g. the
+  architecture zoo on ``architectures.md``) are not repeated on the
+  benchmarks page.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from mkdocs.structure.files import File
 _NOTEBOOK = re.compile(r"\[\[notebook:([A-Za-z0-9_.-]+\.ipynb)\]\]")
 _RESULTS_MARKER = "<!-- benchmark-results -->"
 _IMAGE_EXT = (".png", ".svg", ".jpg", ".jpeg", ".gif")
+_RESULT_FILE = re.compile(r"<!-- results:([A-Za-z0-9_.-]+\.md) -->")
+# results files shown on a page of their own (through the marker above), not on benchmarks/
+_OWN_PAGE = ("architectures",)
 _IMAGE_LINK = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\s*(?:\"[^\"]*\")?\))")
 
 
@@ -54,7 +62,8 @@ def _results(config):
     folder = _root(config) / "benchmarks" / "results"
     if not folder.is_dir():
         return []
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.stem not in _OWN_PAGE)
     modes = {m.group(1) for p in files if (m := _MODE_SUFFIX.search(p.stem))}
     best = next((mode for mode in _MODES if mode in modes), None)
 
@@ -113,8 +122,20 @@ def _benchmark_results(config):
     return "\n".join(parts)
 
 
+def _result_file(config, name):
+    """``benchmarks/results/<name>`` with its headings demoted one level, or a note."""
+    path = _root(config) / "benchmarks" / "results" / name
+    if not path.is_file():
+        return ("!!! note \"No results in this build\"\n"
+                f"    `benchmarks/results/{name}` is absent: run the benchmark (see above) "
+                "and rebuild the site.\n")
+    text = re.sub(r"^(#{1,5}) ", r"#\1 ", path.read_text(encoding="utf-8"), flags=re.M)
+    return f"<!-- from benchmarks/results/{name} -->\n\n{text.strip()}\n"
+
+
 def on_page_markdown(markdown, page, config, files):
     markdown = _NOTEBOOK.sub(lambda m: _notebook_link(page, config, m.group(1)), markdown)
+    markdown = _RESULT_FILE.sub(lambda m: _result_file(config, m.group(1)), markdown)
     if _RESULTS_MARKER in markdown:
         markdown = markdown.replace(_RESULTS_MARKER, _benchmark_results(config))
     return markdown
