@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from tfprune.surgery import handlers as _handlers
+from tfprune import handlers as _handlers
 
 __all__ = ["DependencyGraph", "ChannelGroup", "TensorInfo", "unwrap"]
 
@@ -164,8 +164,8 @@ class ChannelGroup:
 def unit_slices(layer):
     """The kernel of a producer layer as `[units, fan_in]` (one row per output unit)."""
     layer = unwrap(layer)
-    handler = _handlers.get_handler(layer)
-    if not isinstance(handler, _handlers._Producer):
+    handler = _handlers.handler_of(layer)
+    if not isinstance(handler, _handlers.ProducerHandler):
         raise TypeError(f"layer '{layer.name}' ({type(layer).__name__}) has no output units; "
                         "expected Dense, Conv, ConvTranspose or SeparableConv")
     return handler.out_slices(layer)
@@ -323,7 +323,7 @@ class DependencyGraph:
         self._layers[id(layer)] = layer
         self._calls.setdefault(id(layer), []).append(
             ([id(t) for t in node.input_tensors], [id(t) for t in node.output_tensors]))
-        handler = _handlers.get_handler(layer)
+        handler = _handlers.handler_of(layer)
         first = self._first_inputs.setdefault(id(layer), ins)
         if first is not ins and getattr(layer, "weights", None):  # shared: one set of weights
             if any(a is None or b is None or len(a.slots) != len(b.slots)

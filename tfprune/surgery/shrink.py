@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from tfprune.surgery import handlers as _handlers
+from tfprune import handlers as _handlers
 from tfprune.surgery.graph import DependencyGraph, functional_of, iter_nodes, unwrap
 
 __all__ = ["shrink", "ShrinkInfo", "ShrinkError"]
@@ -190,8 +190,8 @@ class _Rebuilder:
             inputs=[self.keep.get(i) for i in in_ids],
             outputs=[self.keep.get(i) for i in out_ids],
             input_shapes=[g.tensors[i].shape if g.tensors.get(i) else None for i in in_ids])
-        handler = _handlers.get_handler(layer)
-        if (isinstance(handler, _handlers._Producer) and len(in_ids) == 1
+        handler = _handlers.handler_of(layer)
+        if (isinstance(handler, _handlers.ProducerHandler) and len(in_ids) == 1
                 and masks.inputs[0] is not None and handler.reads_input(layer)):
             x = g.tensors[in_ids[0]]
             gone = ~masks.inputs[0] & ~np.isnan(x.const) & (x.const != 0)
@@ -211,7 +211,7 @@ class _Rebuilder:
                 self.pairs.append((layer, new, None, None))
             self.new[id(layer)] = new
             return new
-        handler = _handlers.get_handler(layer)
+        handler = _handlers.handler_of(layer)
         masks = self.masks(layer) if id(layer) in self.g._calls else None
         config = layer.get_config()
         if masks is not None and (masks.changed or masks.fold is not None):
@@ -254,7 +254,7 @@ class _Rebuilder:
                 if node.is_input:
                     continue
                 args, kwargs = node.arguments.fill_in(tmap)
-                handler = _handlers.get_handler(node.operation)
+                handler = _handlers.handler_of(node.operation)
                 if hasattr(handler, "shrink_arguments") and id(node.operation) in self.g._calls:
                     args, kwargs = handler.shrink_arguments(
                         node.operation, args, kwargs, self.masks(node.operation))
@@ -437,7 +437,7 @@ def shrink(model, *, check=True, verbose=False, return_info=False):
     for old, _, masks, handler in rb.pairs:
         if masks is None:
             continue
-        if isinstance(handler, _handlers._Producer) and not masks.outputs[0].all():
+        if isinstance(handler, _handlers.ProducerHandler) and not masks.outputs[0].all():
             info.removed[old.name] = (len(masks.outputs[0]), int(masks.outputs[0].sum()))
         if masks.fold is not None:
             info.folded[old.name] = masks.fold_channels
