@@ -109,3 +109,26 @@ def mlp_data():
 @pytest.fixture
 def lenet_data():
     return random_data((12, 12, 1), n=32, classes=4)
+
+
+def wrap_pl(model, method):
+    """``model`` with its layer 'pl' wrapped in ``PruneWrapper(pl, method)`` directly.
+
+    For tests of a method's own mechanics on every layer type: `tfprune.prune` would
+    refuse (or turn into `methods.Follow`) a unit-removing structure on layers whose units
+    `tfprune.shrink` cannot remove, such as a depthwise layer reading the model input.
+    """
+    import tfprune
+
+    def clone(layer):
+        new = layer.__class__.from_config(layer.get_config())
+        return tfprune.PruneWrapper(new, method) if layer.name == "pl" else new
+
+    pruned = keras.models.clone_model(model, clone_function=clone)
+    for a, b in zip(model.layers, pruned.layers, strict=True):
+        if isinstance(b, tfprune.PruneWrapper):
+            b.layer.set_weights(a.get_weights())
+            b.method.initialize(b)
+        else:
+            b.set_weights(a.get_weights())
+    return pruned

@@ -102,3 +102,40 @@ def test_a_general_grouped_conv_loses_the_same_filter_position_in_every_group():
     assert small.get_layer("g4").filters == 4
     np.testing.assert_allclose(small.predict(x, verbose=0), plain.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-5)
+
+
+# -- every unit-removing method goes through the same groups (tfprune.groups) ---------------
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_dpp_filter_learns_one_mask_per_add_coupled_group_and_shrinks(projection):
+    model = _residual(projection)
+    pruned, x = _fit(model, methods.DPP(keep_ratio=0.5, structure=structures.Filter(),
+                                        anneal_steps=4), steps=4)
+    w = {w.name: w for w in find_wrappers(pruned)}
+    partner = "proj" if projection else "stem"
+    logits = [keras.ops.convert_to_numpy(w[n].method.unit_parameters(w[n])) for n in
+              (partner, "b2")]
+    np.testing.assert_array_equal(logits[0], logits[1])  # tied
+    masks = {n: w[n].method.unit_mask(w[n]) for n in (partner, "b2", "b1")}
+    np.testing.assert_array_equal(masks[partner], masks["b2"])
+    assert masks["b2"].sum() == 8 and masks["b1"].sum() == 8
+    assert isinstance(w["stem_bn"].method, methods.Follow)
+    plain = tfprune.strip(pruned)
+    small = tfprune.shrink(plain)
+    # Half of the residual channels go, in every branch: like Magnitude.
+    assert small.get_layer("b2").filters == 8 and small.get_layer(partner).filters == 8
+    assert small.get_layer("b1").filters == 8
+    np.testing.assert_allclose(small.predict(x, verbose=0), plain.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dpp_coupled_layers_sample_the_same_training_mask():
+    model = _residual()
+    pruned, x = _fit(model, methods.DPP(keep_ratio=0.5, structure=structures.Filter(),
+                                        anneal_steps=4), steps=2)
+    w = {w.name: w for w in find_wrappers(pruned)}
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(w["stem"].method._seed_var),
+                                  keras.ops.convert_to_numpy(w["b2"].method._seed_var))
+    sampled = [keras.ops.convert_to_numpy(w[n].method.group_masks(w[n], True)["kernel"])
+               for n in ("stem", "b2")]
+    np.testing.assert_array_equal(sampled[0], sampled[1])

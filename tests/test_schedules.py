@@ -85,7 +85,7 @@ def test_get_resolves_none_and_instances_and_rejects_the_rest():
     assert schedules.get(None) is None
     s = schedules.ConstantSparsity(0.5, 0)
     assert schedules.get(s) is s
-    with pytest.raises(TypeError, match="schedule"):
+    with pytest.raises(ValueError, match="'polynomial' is not a known name"):
         schedules.get("polynomial")
 
 

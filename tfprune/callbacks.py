@@ -69,6 +69,8 @@ class Pruning(keras.callbacks.Callback):
         self._per_call = 1
         self._clock = None
         self._announced = 0
+        self._groups = None
+        self._groups_model = None
 
     # -- hooks -----------------------------------------------------------------
     def on_train_begin(self, logs=None):
@@ -88,15 +90,21 @@ class Pruning(keras.callbacks.Callback):
         # In fit(), each on_train_batch_begin covers `steps_per_execution` training steps.
         self._per_call = int(getattr(self.model, "steps_per_execution", 1) or 1) if (
             self.params) else 1
-        # A fresh (untraced) train function: the trace must see the attached wrappers,
-        # also after an earlier fit() without this callback failed mid-trace.
-        if getattr(self.model, "train_function", None) is not None:
+        # The traced training step is kept across fits: the step gates and the clock are
+        # the same variables every time, so nothing the trace captured has changed. A train
+        # function made before the gates were active (a fit without this callback, which
+        # failed mid-trace) is made anew once.
+        if (getattr(self.model, "train_function", None) is not None
+                and not getattr(self.model, "_tfprune_gated_trace", False)):
             self.model.make_train_function(force=True)
-        self._by_name = {w.name: w for w in self._wrappers}
-        self._followers = [w for w in self._wrappers if isinstance(w.method, Follow)]
-        from tfprune.coupling import Coupling
+        self.model._tfprune_gated_trace = True
+        from tfprune.groups import UnitGroups
 
-        self._coupling = Coupling(self.model, self._wrappers)
+        if self._groups is None or self._groups_model is not self.model:
+            self._groups = UnitGroups(self.model, self._wrappers)
+            self._groups_model = self.model
+        self._groups.tie()
+        self._groups.sync_followers()
         if self.log_dir is not None and self._writer is None:
             import tensorflow as tf
 
@@ -117,6 +125,7 @@ class Pruning(keras.callbacks.Callback):
     def _advance(self):
         changed = []
         step = None
+        self._groups.tie()
         for w in self._wrappers:
             step = self._steps[id(w)] if step is None else step
             if w.method.update(w, self._steps[id(w)]):
@@ -124,13 +133,13 @@ class Pruning(keras.callbacks.Callback):
             self._steps[id(w)] += 1
         if changed:
             check_finite(changed, step)
-            if self._coupling.groups:
-                self._coupling.apply(step)
+            self._groups.select(step)
             self.sync_followers()
 
     def on_epoch_end(self, epoch, logs=None):
         if self._per_call > 1:  # re-read the counted steps (a last execution may be short)
             self._rebase()
+        self._groups.tie()
         changed = [w for w in self._wrappers if w.method.on_epoch_end(w, epoch)]
         if changed:
             check_finite(changed, self._steps[id(changed[0])], f"the end of epoch {epoch}")
@@ -141,12 +150,14 @@ class Pruning(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._clock is not None:
             self._rebase()
+        if self._groups is not None:
+            self._groups.tie()
+            self.sync_followers()
         for w in self._wrappers:
             w._callback_attached = False
             w._gate.active = False
-        # Force a retrace next time: fitting again without this callback must raise.
-        if self.model is not None and hasattr(self.model, "train_function"):
-            self.model.train_function = None
+        # The traced step is kept: reused without this callback, its in-graph gate finds
+        # the step unannounced and raises; a new trace or an eager call raises at once.
         if self._writer is not None:
             self._writer.flush()
 
@@ -184,15 +195,8 @@ class Pruning(keras.callbacks.Callback):
         self._clock.assign(0)
 
     def sync_followers(self):
-        """Copies each producer's unit mask into the BatchNormalization that follows it."""
-        for f in self._followers:
-            src = self._by_name.get(f.method.source)
-            if src is None:
-                raise ValueError(f"Pruning: BatchNormalization '{f.name}' follows layer "
-                                 f"'{f.method.source}', which is not in the model.")
-            mask = src.method.unit_mask(src)
-            if mask is not None:
-                f.method.set_mask(mask)
+        """Copies the producers' unit masks into the layers that follow them (`methods.Follow`)."""
+        self._groups.sync_followers()
 
     def _write_summaries(self, epoch):
         import tensorflow as tf

@@ -274,6 +274,44 @@ class Method:
     #: Whether the state advances only through `tfprune.callbacks.Pruning`.
     requires_callback = True
 
+    # -- coupled units (`tfprune.groups`) ---------------------------------------
+    #: How a method that removes units shares one decision with the other
+    #: members of a coupled group (channels joined by ``Add``, a grouped
+    #: convolution...): ``"select"``: the group picks its units from the sum of
+    #: the members' `unit_scores` when `pruning_due` says so, and imposes them
+    #: with `set_unit_mask`; ``"tie"``: the members' `unit_parameters` are
+    #: averaged before every step and they `share_noise`, so each samples the
+    #: same mask; ``"union"`` (default): each member decides and a channel is
+    #: removed only where all members removed it.
+    coupling = "union"
+
+    def pruning_due(self, step):
+        """``(due, sparsity)``: whether the units are re-selected before ``step``, and at what
+        sparsity (for ``coupling = "select"``). Default: never."""
+        return False, None
+
+    def unit_scores(self, wrapper):
+        """Importance of each output unit, numpy ``[units]`` (for ``coupling = "select"``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no unit scores.")
+
+    def set_unit_mask(self, wrapper, unit_mask):
+        """Imposes a 0/1 mask over the output units (for ``coupling = "select"``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot impose a unit mask.")
+
+    def unit_parameters(self, wrapper):
+        """The variable holding one trainable parameter per output unit, first axis = units
+        (for ``coupling = "tie"``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-unit parameters.")
+
+    def tie_key(self, wrapper):
+        """Hashable summary of what must be equal for two layers to share a mask (e.g. how
+        many units they keep); for ``coupling = "tie"``."""
+        return None
+
+    def share_noise(self, wrapper, other):
+        """Makes ``wrapper`` draw the same random noise as ``other`` (for ``coupling = "tie"``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot share its noise.")
+
 
 class MaskedMethod(Method):
     """A method whose state is one 0/1 mask per kernel (plus the bias for units).
@@ -339,6 +377,14 @@ class MaskedMethod(Method):
         self._masks[spec.name].assign(ops.cast(mask, var.dtype))
         if self._bias_mask is not None and spec.produces_units:
             self._bias_mask.assign(ops.cast(ops.reshape(group_mask, (-1,)), self._bias_mask.dtype))
+
+    def unit_scores(self, wrapper):
+        """L2 norm of each unit's (masked) kernel slice, numpy ``[units]``."""
+        if not self.structure.removes_units:
+            return super().unit_scores(wrapper)
+        spec = wrapper.handler.unit_spec()
+        scores = ops.convert_to_numpy(self.group_scores(wrapper, spec))  # [O, 1]: squared norms
+        return np.sqrt(np.asarray(scores, np.float64).reshape(-1))
 
     def set_unit_mask(self, wrapper, unit_mask):
         """Sets the mask of whole units (used for coupled `Filter` pruning)."""

@@ -495,6 +495,28 @@ class DPP(Method):
         grid = structures_lib.k_of_n_mask(ops.convert_to_tensor(e.logits), e.k, e.n)
         return np.asarray(ops.convert_to_numpy(ops.reshape(grid, (-1,))), "float32")
 
+    # -- coupled units (`tfprune.groups`) ----------------------------------------
+    #: Coupled units share one learned mask: tied logits and the same Gumbel noise.
+    coupling = "tie"
+
+    def _unit_entry(self):
+        return next(e for e in self._entries if e.produces_units)
+
+    def unit_parameters(self, wrapper):
+        """The unit logits variable (``[units, 1]``; `Filter` structures only)."""
+        if not self.structure.removes_units:
+            return super().unit_parameters(wrapper)
+        return self._unit_entry().logits
+
+    def tie_key(self, wrapper):
+        """``(k, n)`` of the unit runs: layers share a mask only if they keep alike."""
+        e = self._unit_entry()
+        return (e.k, e.n)
+
+    def share_noise(self, wrapper, other):
+        """Copies ``other``'s saved noise seed: both layers then draw the same noise."""
+        self._seed_var.assign(other.method._seed_var)
+
     # -- metrics -----------------------------------------------------------------
     def metrics(self, wrapper):
         """``{"confidence": float, "diversity": float}`` of this layer (see `mask_metrics`)."""

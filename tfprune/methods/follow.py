@@ -1,4 +1,4 @@
-"""`Follow`: masks a BatchNormalization channel whenever its producer unit is pruned."""
+"""`Follow`: masks the channels of a per-channel layer whenever their producer unit is pruned."""
 
 from __future__ import annotations
 
@@ -9,21 +9,32 @@ from keras import ops
 from tfprune.methods.base import Method, read_value
 
 _PKG = "tfprune"
+_FOLLOWERS = (keras.layers.BatchNormalization, keras.layers.DepthwiseConv1D,
+              keras.layers.DepthwiseConv2D)
 
 
 @keras.saving.register_keras_serializable(package=_PKG)
 class Follow(Method):
-    """Masks the scale and offset of a BatchNormalization after a `Filter`-pruned layer.
+    """Masks the channels of a per-channel layer that follows unit-pruned producers.
 
-    `tfprune.prune` adds it by itself: a BatchNormalization whose only input
-    is a layer pruned with a structure that removes units is wrapped in
-    ``PruneWrapper(bn, Follow(source=<producer name>))``. Its per-channel mask
-    is copied from the producer whenever the producer's mask changes, so a
-    pruned unit's normalized output is exactly zero, in training and
-    inference. You never need to create it by hand.
+    `tfprune.prune` adds it by itself (see `tfprune.plan`): a
+    BatchNormalization or a DepthwiseConv1D/2D whose input channels belong to
+    a coupled group of the dependency graph whose producers remove units
+    (a `Filter` structure) is wrapped in
+    ``PruneWrapper(layer, Follow(source=<first producer name>))``. The
+    `tfprune.callbacks.Pruning` callback copies the producers' unit masks into
+    its per-channel mask whenever they change (also through a `Concatenate`
+    of several producers, and for a depthwise layer that would otherwise
+    choose its channels on its own), so a pruned channel stays exactly zero
+    after it, in training and inference, and `tfprune.shrink` removes it. You
+    never need to create it by hand.
+
+    Masked weights: BatchNormalization's ``gamma`` and ``beta``; a depthwise
+    layer's kernel slices of the channel (all ``depth_multiplier`` outputs)
+    and their bias.
 
     Args:
-        source: name of the producing (wrapped) layer.
+        source: name of the (first) producing wrapped layer, for display.
 
     Example:
         >>> pruned = tfprune.prune(model, methods.Magnitude(0.5, structure=structures.Filter()))
@@ -42,24 +53,38 @@ class Follow(Method):
         return {"source": self.source}
 
     def validate(self, wrapper):
-        if not isinstance(wrapper.layer, keras.layers.BatchNormalization):
+        if not isinstance(wrapper.layer, _FOLLOWERS):
             raise ValueError(
                 f"Follow: layer '{wrapper.layer.name}' is a {type(wrapper.layer).__name__}; "
-                "only BatchNormalization can follow a pruned producer.")
+                "only BatchNormalization, DepthwiseConv1D and DepthwiseConv2D can follow a "
+                "pruned producer.")
 
     def build(self, wrapper):
-        channels = int(wrapper.layer.gamma.shape[0]) if wrapper.layer.scale else int(
-            wrapper.layer.moving_mean.shape[0])
+        layer = wrapper.layer
+        if isinstance(layer, keras.layers.BatchNormalization):
+            channels = int(layer.gamma.shape[0]) if layer.scale else int(
+                layer.moving_mean.shape[0])
+        else:  # depthwise: kernel [*taps, channels, depth_multiplier]
+            channels = int(layer.kernel.shape[-2])
         self._mask = self.add_state(wrapper, "channel_mask", (channels,), initializer="ones")
+
+    def _per_variable(self, wrapper, mask, xp):
+        """``{variable name: mask broadcastable to it}`` for the followed layer."""
+        layer = wrapper.layer
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return {name: mask for name, on in (("gamma", layer.scale), ("beta", layer.center))
+                    if on}
+        out = {"kernel": xp.reshape(mask, (-1, 1))}  # broadcasts over taps and multiplier
+        if layer.use_bias:  # output channel c * multiplier + j reads input channel c
+            out["bias"] = xp.repeat(mask, int(layer.kernel.shape[-1]))
+        return out
 
     def effective_variables(self, wrapper, training):
         out = {}
-        bn = wrapper.layer
         mask = read_value(self._mask)  # in the variable dtype, also under mixed precision
-        for name, on in (("gamma", bn.scale), ("beta", bn.center)):
-            if on:
-                value = read_value(getattr(bn, name))
-                out[name] = value * ops.cast(mask, value.dtype)
+        for name, m in self._per_variable(wrapper, mask, ops).items():
+            value = read_value(getattr(wrapper.layer, name))
+            out[name] = value * ops.cast(m, value.dtype)
         return out
 
     def set_mask(self, unit_mask):
@@ -67,10 +92,14 @@ class Follow(Method):
 
     def final_masks(self, wrapper):
         mask = np.asarray(ops.convert_to_numpy(self._mask))
-        bn = wrapper.layer
-        return {name: mask for name, on in (("gamma", bn.scale), ("beta", bn.center)) if on}
+        out = {}
+        for name, m in self._per_variable(wrapper, mask, np).items():
+            shape = tuple(getattr(wrapper.layer, name).shape)
+            out[name] = np.broadcast_to(m, shape).astype(mask.dtype)
+        return out
 
     def unit_mask(self, wrapper):
+        """The per-channel mask of the followed layer's input channels (numpy)."""
         return np.asarray(ops.convert_to_numpy(self._mask))
 
     requires_callback = False

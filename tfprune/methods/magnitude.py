@@ -98,6 +98,10 @@ class Magnitude(MaskedMethod):
         )
         return config
 
+    @property
+    def coupling(self):
+        return "select" if self.structure.removes_units else "union"
+
     def pruning_due(self, step):
         """``(should_prune, sparsity)`` at ``step``."""
         return self._schedule()(step)
