@@ -133,7 +133,7 @@ class Pruning(keras.callbacks.Callback):
             self._steps[id(w)] += 1
         if changed:
             check_finite(changed, step)
-            self._groups.select(step)
+            self._groups.select(changed, step)
             self.sync_followers()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -143,6 +143,7 @@ class Pruning(keras.callbacks.Callback):
         changed = [w for w in self._wrappers if w.method.on_epoch_end(w, epoch)]
         if changed:
             check_finite(changed, self._steps[id(changed[0])], f"the end of epoch {epoch}")
+            self._groups.select(changed, self._steps[id(changed[0])])
             self.sync_followers()
         if self._writer is not None:
             self._write_summaries(epoch)

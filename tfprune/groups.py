@@ -7,11 +7,11 @@ groups from the dependency graph (`tfprune.surgery.DependencyGraph`) of a
 pruned model and keeps every member in step, through the method's
 ``coupling`` mode (see `tfprune.methods.Method.coupling`):
 
-- ``"select"`` (Magnitude and score-based methods): when the members'
-  ``pruning_due(step)`` says so, the group's units are ranked by the sum of
-  the members' ``unit_scores`` and the same units are removed from every
-  member (`Filter.round_to` respected), at the largest sparsity any member is
-  scheduled to reach.
+- ``"select"`` (Magnitude and score-based methods): whenever a member's
+  method updates its masks, the group's units are ranked by the sum of the
+  members' ``unit_scores`` and the same units are removed from every member
+  (`Filter.round_to` respected), at the largest ``unit_sparsity`` of the
+  members.
 - ``"tie"`` (DPP): the members' per-unit parameters (``unit_parameters``) are
   averaged before every training step and the members draw the same noise
   (``share_noise``), so the sampled masks are identical in every member.
@@ -47,10 +47,6 @@ class _Group:
         return modes.pop() if len(modes) == 1 else "mixed"
 
 
-def _removes_units(method):
-    return method.structure.removes_units or bool(getattr(method, "prune_units", False))
-
-
 class UnitGroups:
     """The coupled unit groups of a pruned model, kept in step during training.
 
@@ -70,7 +66,7 @@ class UnitGroups:
         self._tied = []
         by_name = {w.name: w for w in wrappers}
         unit_members = {w.name for w in wrappers
-                        if not isinstance(w.method, Follow) and _removes_units(w.method)}
+                        if not isinstance(w.method, Follow) and w.method.removes_units}
         follows = {w.name for w in wrappers if isinstance(w.method, Follow)}
         if not unit_members and not follows:
             return
@@ -135,21 +131,28 @@ class UnitGroups:
                 p.assign(mean)
 
     # -- "select" --------------------------------------------------------------
-    def select(self, step):
-        """Re-selects the units of every "select" group jointly (after the methods' updates).
+    def select(self, updated, step):
+        """Re-selects the units of the "select" groups with a member in ``updated`` jointly.
+
+        Called after the methods' updates. The group removes the fraction of
+        its units that the most aggressive member asks for
+        (`Method.unit_sparsity`).
+
+        Args:
+            updated: the wrappers whose masks the methods just changed.
+            step: the pruning step.
 
         Returns:
             True if any mask was changed.
         """
+        updated = {id(w) for w in updated}
         changed = False
         for group in self.groups:
             if group.mode != "select" or len(group.members) < 2:
                 continue
-            due = [w.method.pruning_due(step) for w, _ in group.members]
-            sparsities = [s for d, s in due if d]
-            if not sparsities:
+            if not any(id(w) in updated for w, _ in group.members):
                 continue
-            sparsity = max(sparsities)
+            sparsity = max(w.method.unit_sparsity(step) for w, _ in group.members)
             scores = np.zeros(group.size)
             for w, idx in group.members:
                 scores += np.asarray(w.method.unit_scores(w), np.float64)[idx]

@@ -60,22 +60,14 @@ class Plan:
 
 
 def removes_units(method):
-    """True if ``method`` removes whole output units (its structure, or ``prune_units``)."""
-    return method.structure.removes_units or bool(getattr(method, "prune_units", False))
+    """True if ``method`` removes whole output units (`Method.removes_units`)."""
+    return method.removes_units
 
 
 def keep_units(method):
-    """The variant of ``method`` for a layer whose units must stay, or None to skip it.
-
-    A structure that removes units leaves such layers dense; a method that
-    prunes dead units on its own (``prune_units=True``, e.g. Turbo-VBI) gets
-    ``prune_units=False`` there.
-    """
-    if method.structure.removes_units:
-        return None
-    if getattr(method, "prune_units", False):
-        return type(method).from_config({**method.get_config(), "prune_units": False})
-    return method
+    """The variant of ``method`` for a layer whose units must stay, or None to skip it
+    (`Method.keep_units`)."""
+    return method.keep_units()
 
 
 def leaf_layers(model):

@@ -275,20 +275,36 @@ class Method:
     requires_callback = True
 
     # -- coupled units (`tfprune.groups`) ---------------------------------------
+    @property
+    def removes_units(self):
+        """True if this method can empty whole output units (so `tfprune.shrink` removes them).
+
+        Default: the structure's ``removes_units`` (`structures.Filter`).
+        """
+        return self.structure.removes_units
+
+    def keep_units(self):
+        """The variant of this method for a layer whose units must all stay, or None.
+
+        `tfprune.prune` uses it for layers whose units reach a model output or
+        cannot be removed by `tfprune.shrink`. Default: None (leave the layer
+        dense) when the structure removes units, else the method itself.
+        """
+        return None if self.structure.removes_units else self
+
     #: How a method that removes units shares one decision with the other
     #: members of a coupled group (channels joined by ``Add``, a grouped
-    #: convolution...): ``"select"``: the group picks its units from the sum of
-    #: the members' `unit_scores` when `pruning_due` says so, and imposes them
-    #: with `set_unit_mask`; ``"tie"``: the members' `unit_parameters` are
+    #: convolution...): ``"select"``: when a member updates its masks, the group
+    #: picks its units from the sum of the members' `unit_scores` at their
+    #: largest `unit_sparsity`, and imposes them with `set_unit_mask`; ``"tie"``: the members' `unit_parameters` are
     #: averaged before every step and they `share_noise`, so each samples the
     #: same mask; ``"union"`` (default): each member decides and a channel is
     #: removed only where all members removed it.
     coupling = "union"
 
-    def pruning_due(self, step):
-        """``(due, sparsity)``: whether the units are re-selected before ``step``, and at what
-        sparsity (for ``coupling = "select"``). Default: never."""
-        return False, None
+    def unit_sparsity(self, step):
+        """Fraction of the output units to remove at ``step`` (for ``coupling = "select"``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no unit sparsity.")
 
     def unit_scores(self, wrapper):
         """Importance of each output unit, numpy ``[units]`` (for ``coupling = "select"``)."""

@@ -102,6 +102,10 @@ class Magnitude(MaskedMethod):
     def coupling(self):
         return "select" if self.structure.removes_units else "union"
 
+    def unit_sparsity(self, step):
+        """The schedule's sparsity at ``step`` (for coupled units, `tfprune.groups`)."""
+        return self.pruning_due(step)[1]
+
     def pruning_due(self, step):
         """``(should_prune, sparsity)`` at ``step``."""
         return self._schedule()(step)

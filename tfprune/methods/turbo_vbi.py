@@ -342,6 +342,16 @@ class TurboVBI(Method):
         return config
 
     # -- distributions ---------------------------------------------------------
+    @property
+    def removes_units(self):
+        return self.prune_units
+
+    def keep_units(self):
+        """The same method with ``prune_units=False`` (weights are still pruned)."""
+        if not self.prune_units:
+            return self
+        return type(self).from_config({**self.get_config(), "prune_units": False})
+
     def prior(self, support_prob):
         """The hierarchical prior as TFP distributions for prior support ``support_prob``.
 
