@@ -296,10 +296,11 @@ class Method:
     #: members of a coupled group (channels joined by ``Add``, a grouped
     #: convolution...): ``"select"``: when a member updates its masks, the group
     #: picks its units from the sum of the members' `unit_scores` at their
-    #: largest `unit_sparsity`, and imposes them with `set_unit_mask`; ``"tie"``: the members' `unit_parameters` are
-    #: averaged before every step and they `share_noise`, so each samples the
-    #: same mask; ``"union"`` (default): each member decides and a channel is
-    #: removed only where all members removed it.
+    #: largest `unit_sparsity`, and imposes them with `set_unit_mask`;
+    #: ``"tie"``: the members' `unit_parameters` are averaged before every step
+    #: and they `share_noise`, so each samples the same mask; ``"union"``
+    #: (default): each member decides and a channel is removed only where all
+    #: members removed it.
     coupling = "union"
 
     def unit_sparsity(self, step):
