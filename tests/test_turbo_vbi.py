@@ -8,7 +8,7 @@ from scipy import special
 from two_cpus import run_on_two_cpus
 
 import tfprune
-from tfprune import methods
+from tfprune import methods, schedules, structures
 from tfprune.methods import turbo_vbi as tv
 from tfprune.wrapper import find_wrappers
 
@@ -237,7 +237,8 @@ def test_training_without_num_train_examples_raises():
     (dict(p01=1.0), "`p01`.*1.0"), (dict(p11=1.5), "`p11`.*1.5"), (dict(threshold=1), "threshold"),
     (dict(update_every=0), "update_every"), (dict(update_every="batch"), "update_every"),
     (dict(support_prior="tree"), "support_prior"), (dict(factorization="x"), "factorization"),
-    (dict(structure="filter"), "Unstructured"), (dict(kl_weight=-1), "kl_weight"),
+    (dict(structure=structures.Block()), r"Unstructured\(\).*or Filter\(\).*Block"),
+    (dict(kl_weight=-1), "kl_weight"),
 ])
 def test_invalid_hyperparameters_raise_clear_errors(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -296,3 +297,162 @@ def test_mirrored_strategy_trains_one_epoch():
     out = run_on_two_cpus(_MIRRORED, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK 2" in out.stdout
+
+
+# -- unit (Filter) pruning ---------------------------------------------------------------
+def _filter(**kw):
+    kw = {"num_train_examples": 64, "structure": structures.Filter(), **kw}
+    if "unit_schedule" not in kw:
+        kw.setdefault("unit_sparsity", 0.5)
+    return methods.TurboVBI(**kw)
+
+
+def _unit_scores_by_hand(w):
+    """The documented score, from the saved state: mean_i pi * mask * (mu^2 + sigma^2) / scale."""
+    m = w.method
+    mu = np.asarray(tv.kernel_grid(keras.ops.convert_to_numpy(w.layer.kernel)), np.float64)
+    sigma = np.log1p(np.exp(np.asarray(tv.kernel_grid(
+        keras.ops.convert_to_numpy(m._sigma_raw)), np.float64)))
+    pi = np.asarray(tv.kernel_grid(keras.ops.convert_to_numpy(m._support)), np.float64)
+    keep = np.asarray(tv.kernel_grid(keras.ops.convert_to_numpy(m._weight_mask))) > 0
+    scale = float(keras.ops.convert_to_numpy(m._scale))
+    return (pi * keep * (mu ** 2 + sigma ** 2) / scale).mean(axis=0)
+
+
+@pytest.mark.parametrize("build", [_mlp, _cnn])
+def test_filter_removes_the_lowest_scoring_units_at_the_target(build):
+    shape = (12,) if build is _mlp else (8, 8, 2)
+    x, y = _data(shape)
+    pruned = _fit(build(), _filter(update_every=2), x, y, epochs=1)
+    w = find_wrappers(pruned)[0]  # its units feed the next layer only: Filter applies
+    assert w.method.coupling == "select" and w.method.removes_units
+    unit = w.method.unit_mask(w)
+    n = unit.shape[0]
+    assert unit.sum() == n - round(0.5 * n)
+    scores = w.method.unit_scores(w)
+    np.testing.assert_allclose(scores, _unit_scores_by_hand(w), rtol=1e-5)
+    assert scores[unit == 1].min() >= scores[unit == 0].max()
+    # Removed units lose their column and bias, in the mask and after strip.
+    plain = tfprune.strip(pruned)
+    kernel = keras.ops.convert_to_numpy(plain.get_layer(w.name).kernel)
+    assert np.all(kernel[..., unit == 0] == 0) and np.any(kernel[..., unit == 1] != 0)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(plain.get_layer(w.name).bias)
+                                  [unit == 0], 0)
+    # The output layer keeps its units: the keep_units variant (weights still pruned).
+    head = find_wrappers(pruned)[-1]
+    assert isinstance(head.method.structure, structures.Unstructured)
+    assert head.method.unit_mask(head) is None and not head.method.prune_units
+    small = tfprune.shrink(plain)
+    first = small.get_layer(w.name)
+    assert (first.units if build is _mlp else first.filters) == n // 2
+    np.testing.assert_allclose(small.predict(x, verbose=0), plain.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_filter_round_to_is_respected():
+    x, y = _data((12,))
+    pruned = _fit(_mlp(), _filter(unit_sparsity=0.7, structure=structures.Filter(round_to=4)),
+                  x, y, epochs=1)
+    w = find_wrappers(pruned)[0]
+    assert w.method.unit_mask(w).sum() == 4  # 16 - round(0.7 * 16) = 5 kept -> 4
+
+
+class _UnitMasks(keras.callbacks.Callback):
+    def __init__(self, wrapper):
+        super().__init__()
+        self.wrapper, self.masks = wrapper, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.masks.append(self.wrapper.method.unit_mask(self.wrapper).copy())
+
+
+def test_filter_schedule_removes_units_irreversibly_from_begin_step():
+    x, y = _data((12,))
+    schedule = schedules.PolynomialDecay(0.0, 0.5, begin_step=2, end_step=6, frequency=1)
+    method = _filter(unit_schedule=schedule, update_every=1, begin_step=2)
+    assert [method.unit_sparsity(s) for s in (0, 1, 2, 6, 9)] == [0.0, 0.0, 0.0, 0.5, 0.5]
+    assert method.unit_sparsity(4) == pytest.approx(schedule.sparsity(4))
+    keras.utils.set_random_seed(0)
+    pruned = tfprune.prune(_mlp(), method)
+    pruned.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    w = find_wrappers(pruned)[0]
+    record = _UnitMasks(w)
+    pruned.fit(x, y, epochs=2, batch_size=8, verbose=0,
+               callbacks=[tfprune.callbacks.Pruning(), record])
+    kept = [int(m.sum()) for m in record.masks]
+    assert kept[:3] == [16, 16, 16]  # nothing before begin_step (updates at steps 1, 2)
+    assert kept[-1] == 8
+    for before, after in zip(record.masks, record.masks[1:]):
+        assert np.all(after <= before)  # a removed unit never comes back
+    # Removed units stay masked in the effective kernel.
+    mask = keras.ops.convert_to_numpy(w.method._mask)
+    assert np.all(mask[:, record.masks[-1] == 0] == 0)
+
+
+def test_set_unit_mask_imposes_units_and_keeps_removed_weights_out():
+    x, y = _data((12,))
+    pruned = _fit(_mlp(), _filter(update_every=2), x, y, epochs=1)
+    w = find_wrappers(pruned)[0]
+    weights = keras.ops.convert_to_numpy(w.method._weight_mask)
+    wanted = np.zeros(16, "float32")
+    wanted[[0, 3, 5, 15]] = 1
+    w.method.set_unit_mask(w, wanted)
+    alive = (weights != 0).any(axis=0)
+    np.testing.assert_array_equal(w.method.unit_mask(w), wanted * alive)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(w.method._mask),
+                                  weights * (wanted * alive)[None, :])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(w.method._bias_mask),
+                                  wanted * alive)
+    masks = w.method.final_masks(w)
+    np.testing.assert_array_equal(masks["bias"], wanted * alive)
+    with pytest.raises(ValueError, match="16 units.*mask of 3"):
+        w.method.set_unit_mask(w, np.ones(3))
+
+
+def test_filter_config_round_trip_and_keep_units():
+    m = _filter(unit_schedule=schedules.ConstantSparsity(0.25, begin_step=3),
+                structure=structures.Filter(round_to=2), update_every=4)
+    again = methods.TurboVBI.from_config(m.get_config())
+    assert again.get_config() == m.get_config()
+    assert again.unit_schedule == m.unit_schedule and again.structure == m.structure
+    assert again.coupling == "select" and again.unit_sparsity(3) == 0.25
+    assert again.unit_sparsity(2) == 0.0
+    keep = m.keep_units()
+    assert isinstance(keep.structure, structures.Unstructured) and not keep.prune_units
+    assert keep.coupling == "union" and keep.target_unit_sparsity is None
+    assert keep.unit_schedule is None and keep.update_every == 4
+    assert methods.get(keras.saving.serialize_keras_object(m)).get_config() == m.get_config()
+
+
+def test_filter_keras_round_trip_restores_unit_state(tmp_path):
+    x, y = _data((8, 8, 2))
+    pruned = _fit(_cnn(), _filter(update_every=2), x, y, epochs=1)
+    path = tmp_path / "filter.keras"
+    pruned.save(path)
+    loaded = keras.models.load_model(path)
+    for a, b in zip(find_wrappers(pruned), find_wrappers(loaded)):
+        assert b.method.get_config() == a.method.get_config()
+        if a.method.filter_units:
+            np.testing.assert_array_equal(a.method.unit_mask(a), b.method.unit_mask(b))
+            np.testing.assert_array_equal(a.method.unit_scores(a), b.method.unit_scores(b))
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), pruned.predict(x, verbose=0),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(unit_sparsity=0.5), r"`unit_sparsity`=0.5 needs structure=Filter\(\).*Unstructured"),
+    (dict(unit_schedule=schedules.ConstantSparsity(0.5, 0)), "`unit_schedule`.*needs structure"),
+    (dict(structure="filter"), "needs `unit_sparsity`.*or `unit_schedule`"),
+    (dict(structure="filter", unit_sparsity=0.5, prune_units=False), "`prune_units`=False"),
+    (dict(structure="filter", unit_sparsity=1.0), "`unit_sparsity` must be in"),
+    (dict(structure="filter", unit_sparsity=0.5,
+          unit_schedule=schedules.ConstantSparsity(0.25, 0)), "0.5 differs .* 0.25"),
+])
+def test_filter_arguments_are_validated(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        methods.TurboVBI(**kwargs)
+
+
+def test_unit_sparsity_of_an_unstructured_turbo_vbi_is_an_error():
+    with pytest.raises(NotImplementedError, match="TurboVBI has no unit sparsity"):
+        methods.TurboVBI().unit_sparsity(0)
