@@ -80,8 +80,10 @@ def test_convnext_tiny_shrinks_its_hidden_units_and_names_the_layernorm_stops():
 
 # -- the whole zoo (shared with benchmarks/architectures.py) ------------------------------------
 
-# Default run (seconds on a shared 2-core machine, `--durations`): the U-Net ~5 s,
-# MobileNetV2 ~20 s; MobileNetV3Small and ConvNeXtTiny run by default in the tests above.
+# `--durations` on the shared 2-core machine (load 3-5): by default the U-Net 5 s and
+# MobileNetV2 25 s (MobileNetV3Small 25 s and ConvNeXtTiny 27 s run by default above);
+# slow: NASNetMobile 53 s, DenseNet121 30 s, ConvNeXtTiny 18 s, ResNet50 17 s,
+# EfficientNetB0 16 s, MobileNetV3Small 10 s.
 DEFAULT = ("unet", "mobilenet_v2")
 ZOO = [pytest.param(name, id=name, marks=() if name in DEFAULT else pytest.mark.slow)
        for name in zoo.BUILDERS]
