@@ -139,3 +139,33 @@ def test_dpp_coupled_layers_sample_the_same_training_mask():
     sampled = [keras.ops.convert_to_numpy(w[n].method.group_masks(w[n], True)["kernel"])
                for n in ("stem", "b2")]
     np.testing.assert_array_equal(sampled[0], sampled[1])
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_turbo_vbi_filter_selects_one_unit_set_per_add_coupled_group_and_shrinks(projection):
+    model = _residual(projection)
+    method = methods.TurboVBI(num_train_examples=32, structure=structures.Filter(),
+                              unit_sparsity=0.5)
+    pruned, x = _fit(model, method, steps=4)
+    w = {w.name: w for w in find_wrappers(pruned)}
+    partner = "proj" if projection else "stem"
+    assert w[partner].method.coupling == "select"
+    masks = {n: w[n].method.unit_mask(w[n]) for n in ("stem", partner, "b2", "b1")}
+    np.testing.assert_array_equal(masks[partner], masks["b2"])
+    assert masks["b2"].sum() == 8 and masks["b1"].sum() == 8 and masks["stem"].sum() == 8
+    # The group ranks its units by the sum of the members' posterior scores.
+    total = w[partner].method.unit_scores(w[partner]) + w["b2"].method.unit_scores(w["b2"])
+    np.testing.assert_array_equal(np.flatnonzero(masks["b2"]), np.sort(np.argsort(-total)[:8]))
+    # The uncoupled b1 chose its own units: its own best 8.
+    own = w["b1"].method.unit_scores(w["b1"])
+    np.testing.assert_array_equal(np.flatnonzero(masks["b1"]), np.sort(np.argsort(-own)[:8]))
+    # The BatchNormalization after stem follows stem's units.
+    assert isinstance(w["stem_bn"].method, methods.Follow)
+    np.testing.assert_array_equal(w["stem_bn"].method.unit_mask(w["stem_bn"]), masks["stem"])
+    plain = tfprune.strip(pruned)
+    small = tfprune.shrink(plain)
+    assert small.get_layer("b2").filters == 8 and small.get_layer(partner).filters == 8
+    assert small.get_layer("b1").filters == 8
+    assert small.get_layer("stem").filters == 8
+    np.testing.assert_allclose(small.predict(x, verbose=0), plain.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-5)
