@@ -10,7 +10,15 @@ Example:
 
 __version__ = "0.1.0"
 
-from tfprune import callbacks, datasets, methods, models, schedules, structures  # noqa: E402
+from tfprune import (  # noqa: E402
+    budgets,
+    callbacks,
+    datasets,
+    methods,
+    models,
+    schedules,
+    structures,
+)
 from tfprune.api import prune, strip  # noqa: E402
 from tfprune.export import benchmark_tflite, export_tflite, run_tflite  # noqa: E402
 from tfprune.report import Report, sparsity_report  # noqa: E402
@@ -18,7 +26,7 @@ from tfprune.surgery import shrink  # noqa: E402
 from tfprune.wrapper import PruneWrapper  # noqa: E402
 
 __all__ = [
-    "PruneWrapper", "Report", "benchmark_tflite", "callbacks", "datasets", "export_tflite",
-    "methods", "models", "prune", "run_tflite", "schedules", "shrink", "sparsity_report", "strip",
-    "structures",
+    "PruneWrapper", "Report", "benchmark_tflite", "budgets", "callbacks", "datasets",
+    "export_tflite", "methods", "models", "prune", "run_tflite", "schedules", "shrink",
+    "sparsity_report", "strip", "structures",
 ]

@@ -65,7 +65,7 @@ def _copy_weights(src, dst, on_pair):
             on_pair(a, b)
 
 
-def prune(model, method=None, *, layers=None):
+def prune(model, method=None, *, layers=None, budget=None):
     """Returns a copy of ``model`` with its layers wrapped in `PruneWrapper`.
 
     The input model is left untouched; the trained weights are carried over.
@@ -90,6 +90,12 @@ def prune(model, method=None, *, layers=None):
             ``prune_units=True`` gets ``prune_units=False`` there (with a
             warning when a callable chose the method); naming such a layer
             with a unit-removing structure raises.
+        budget: None (every layer to its method's own sparsity), or a
+            `tfprune.budgets` target (`budgets.FLOPs(keep)`, `Params(keep)`,
+            `Latency(keep)`): the coupled unit groups of the whole model are
+            ranked by the method's importance and the least important units
+            removed until the shrunk model meets the target (the method's
+            sparsity may then be None; its schedule only times the pruning).
 
     Returns:
         A new `keras.Model` (not compiled).
@@ -116,8 +122,21 @@ def prune(model, method=None, *, layers=None):
     if method is None and not callable(layers):
         raise ValueError("prune: give a `method` (e.g. methods.Magnitude(0.5)), or a callable "
                          "`layers` that returns one per layer.")
+    from tfprune import budgets as budgets_lib
+
+    budget = budgets_lib.get(budget)
     plan = plan_lib.plan(model, method, layers)
     targets, followers = plan.targets, plan.followers
+    if budget is not None:
+        budgeted = [n for n, m in targets.items() if m.removes_units]
+        if not budgeted:
+            raise ValueError(
+                f"prune: the budget {budget!r} ranks units over the whole model, but no layer "
+                f"of model "
+                f"'{model.name}' may lose units with this method (use a structure that removes "
+                "units, e.g. structures.Filter(), on layers whose units shrink can remove).")
+        for m in targets.values():
+            m.check_budget(budget if m.removes_units else None)
     if not targets:
         if plan.kept_units or plan.skipped:
             reasons = {**plan.skipped, **plan.kept_units}
@@ -136,7 +155,8 @@ def prune(model, method=None, *, layers=None):
     def clone_fn(layer):
         new = fresh_copy(layer)
         if layer.name in targets:
-            return PruneWrapper(new, targets[layer.name])
+            m = targets[layer.name]
+            return PruneWrapper(new, m, budget=budget if m.removes_units else None)
         if layer.name in followers:
             return PruneWrapper(new, Follow(followers[layer.name]))
         return new

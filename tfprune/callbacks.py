@@ -131,6 +131,13 @@ class Pruning(keras.callbacks.Callback):
             if w.method.update(w, self._steps[id(w)]):
                 changed.append(w)
             self._steps[id(w)] += 1
+        if self._groups.budget is not None:
+            due, progress = self._groups.budget_due(step)
+            if due:
+                budgeted = [w for w in self._wrappers if getattr(w, "budget", None) is not None]
+                check_finite(budgeted, step)
+                self._groups.budget_select(step, progress)
+                changed.extend(w for w in budgeted if w not in changed)
         if changed:
             check_finite(changed, step)
             self._groups.select(changed, step)

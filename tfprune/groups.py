@@ -40,6 +40,8 @@ class _Group:
 
     def __init__(self, name, size, members, followers):
         self.name, self.size, self.members, self.followers = name, size, members, followers
+        self.index = None
+        self.budgeted = False  # its units are chosen by the model's budget
 
     @property
     def mode(self):
@@ -64,7 +66,14 @@ class UnitGroups:
         self._followers = {}
         self._follow_wrappers = []
         self._tied = []
+        self.budget = None
+        self.last_budget = None
         by_name = {w.name: w for w in wrappers}
+        budgets = {repr(w.budget): w.budget for w in wrappers
+                   if getattr(w, "budget", None) is not None}
+        if len(budgets) > 1:
+            raise ValueError(f"Pruning: the layers of model '{model.name}' carry different "
+                             f"budgets ({sorted(budgets)}); a model has one budget.")
         unit_members = {w.name for w in wrappers
                         if not isinstance(w.method, Follow) and w.method.removes_units}
         follows = {w.name for w in wrappers if isinstance(w.method, Follow)}
@@ -72,11 +81,16 @@ class UnitGroups:
             return
         from tfprune.surgery.graph import DependencyGraph
 
-        try:
-            graph = DependencyGraph(model)
-        except (TypeError, ValueError):  # a subclassed model: no graph, layers stand alone
-            return
-        for g in graph.groups:
+        if budgets:
+            self.budget = next(iter(budgets.values()))
+            self.cost_model = self.budget.cost_model(model)
+            graph = self.cost_model.graph
+        else:
+            try:
+                graph = DependencyGraph(model)
+            except (TypeError, ValueError):  # a subclassed model: no graph, layers stand alone
+                return
+        for index, g in enumerate(graph.groups):
             members = [(by_name[layer.name], np.asarray(idx)) for layer, idx in g.producers
                        if layer.name in unit_members]
             followers = [(by_name[layer.name], np.asarray(idx)) for layer, idx in g.followers
@@ -84,6 +98,10 @@ class UnitGroups:
             if not members:
                 continue
             group = _Group(g.name, g.size, members, followers)
+            group.index = index
+            group.budgeted = g.blocked_reason is None and all(
+                layer.name in by_name and getattr(by_name[layer.name], "budget", None) is not None
+                for layer, _ in g.producers)
             self.groups.append(group)
             for w, idx in followers:
                 self._followers.setdefault(w.name, []).append((group, idx))
@@ -148,7 +166,7 @@ class UnitGroups:
         updated = {id(w) for w in updated}
         changed = False
         for group in self.groups:
-            if group.mode != "select" or len(group.members) < 2:
+            if group.mode != "select" or len(group.members) < 2 or group.budgeted:
                 continue
             if not any(id(w) in updated for w, _ in group.members):
                 continue
@@ -168,6 +186,77 @@ class UnitGroups:
                 w.method.set_unit_mask(w, unit)
             changed = True
         return changed
+
+    # -- budget -----------------------------------------------------------------
+    def budget_due(self, step):
+        """``(due, progress)`` of the budget at ``step`` (from the members' methods)."""
+        due, progress = False, 0.0
+        for group in self.groups:
+            if group.budgeted:
+                for w, _ in group.members:
+                    d, p = w.method.budget_progress(step)
+                    due, progress = due or d, max(progress, p)
+        return due, progress
+
+    def _importance(self, group, normalize):
+        total = np.zeros(group.size)
+        for w, idx in group.members:
+            scores = np.asarray(w.method.unit_scores(w), np.float64)
+            if normalize != "none":
+                mean = float(scores.mean())
+                scores = scores / mean if mean > 0 else scores
+            total += scores[idx]
+        return total
+
+    def budget_select(self, step, progress):
+        """Chooses the units of every budgeted group over the whole model (see
+        `tfprune.budgets`) and imposes them.
+
+        Returns:
+            ``{"target": cost, "predicted": cost, "dense": cost}``.
+        """
+        from tfprune.budgets import select
+
+        budget, cm = self.budget, self.cost_model
+        target = cm.dense - progress * (cm.dense - budget.keep * cm.dense)
+        groups = [g for g in self.groups if g.budgeted]
+        importance, removed, min_keep, round_to = {}, {}, {}, {}
+        for g in groups:
+            imp = self._importance(g, budget.normalize)
+            if budget.normalize == "cost":
+                cm.reset()
+                saving = np.array([cm.saving(g.index, c) for c in range(g.size)])
+                imp = imp / np.maximum(saving, 1e-12)
+            importance[g.index] = imp
+            kept = np.zeros(g.size, bool)
+            for w, idx in g.members:
+                kept |= np.asarray(w.method.unit_mask(w))[idx] > 0
+            removed[g.index] = ~kept
+            round_to[g.index] = max(getattr(w.method.structure, "round_to", 1)
+                                    for w, _ in g.members)
+            min_keep[g.index] = min(g.size, round_to[g.index])
+        keep, _ = select(list(importance), importance, cm, target, min_keep=min_keep,
+                         removed=removed)
+        for g in groups:  # kept counts a multiple of round_to: drop the least important extra
+            mask, r = keep[g.index], round_to[g.index]
+            extra = int(mask.sum()) % r if mask.sum() < g.size else 0
+            if extra and mask.sum() - extra >= r:
+                kept_idx = np.flatnonzero(mask)
+                drop = kept_idx[np.argsort(importance[g.index][kept_idx], kind="stable")[:extra]]
+                mask[drop] = False
+            for w, idx in g.members:
+                unit = np.asarray(w.method.unit_mask(w), "float32").copy()
+                unit[idx] = mask.astype("float32")
+                w.method.set_unit_mask(w, unit)
+                w.method.on_units_selected(w)
+        cm.reset()
+        for g in groups:
+            for c in np.flatnonzero(~keep[g.index]):
+                cm.remove(g.index, int(c))
+        self.last_budget = {"target": float(target), "predicted": cm.cost(),
+                            "dense": float(cm.dense), "step": int(step)}
+        cm.reset()
+        return self.last_budget
 
     # -- followers -------------------------------------------------------------
     def sync_followers(self):

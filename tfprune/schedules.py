@@ -26,6 +26,13 @@ class PruningSchedule:
     def final_sparsity(self):
         raise NotImplementedError
 
+    def progress(self, step):
+        """How far along its curve the schedule is at ``step``: 0 before it starts, 1 at its end.
+
+        Used by budgets (`tfprune.budgets`), which keep only a schedule's timing.
+        """
+        raise NotImplementedError
+
     def get_config(self):
         raise NotImplementedError
 
@@ -90,6 +97,10 @@ class ConstantSparsity(PruningSchedule):
         return (self._in_range(step, self.begin_step, self.end_step, self.frequency),
                 self.target_sparsity)
 
+    def progress(self, step):
+        """0 before ``begin_step``, 1 from it on."""
+        return 1.0 if step >= self.begin_step else 0.0
+
     def get_config(self):
         return {"target_sparsity": self.target_sparsity, "begin_step": self.begin_step,
                 "end_step": self.end_step, "frequency": self.frequency}
@@ -133,6 +144,11 @@ class PolynomialDecay(PruningSchedule):
     @property
     def final_sparsity(self):
         return self.final_sparsity_
+
+    def progress(self, step):
+        """``1 - (1 - p)**power`` with ``p`` the clipped fraction of [begin_step, end_step]."""
+        p = (step - self.begin_step) / (self.end_step - self.begin_step)
+        return 1.0 - (1.0 - min(1.0, max(0.0, p))) ** self.power
 
     def sparsity(self, step):
         p = (step - self.begin_step) / (self.end_step - self.begin_step)

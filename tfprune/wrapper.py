@@ -67,6 +67,8 @@ class PruneWrapper(keras.layers.Wrapper):
     Args:
         layer: the layer to wrap (built or not).
         method: a `tfprune.methods.Method`; the wrapper keeps its own copy.
+        budget: None, or the model's `tfprune.budgets` object (set by
+            `tfprune.prune`): the units are then chosen over the whole model.
         **kwargs: passed to `keras.layers.Wrapper` (``name`` defaults to the
             layer's name).
 
@@ -79,7 +81,7 @@ class PruneWrapper(keras.layers.Wrapper):
         TensorShape([2, 10])
     """
 
-    def __init__(self, layer, method, **kwargs):
+    def __init__(self, layer, method, budget=None, **kwargs):
         if not isinstance(layer, keras.layers.Layer):
             raise TypeError(f"PruneWrapper: `layer` must be a keras Layer, got {layer!r}.")
         if isinstance(layer, PruneWrapper):
@@ -90,6 +92,11 @@ class PruneWrapper(keras.layers.Wrapper):
         self.method = method.clone()
         self.handler = _handler_for(layer, self.method)
         self.method.validate(self)
+        from tfprune import budgets
+
+        self.budget = budgets.get(budget)
+        if self.handler is not None:
+            self.method.check_budget(self.budget)
         self._callback_attached = False
         # A plain Python object: its variables are neither tracked nor saved.
         self._gate = _StepGate()
@@ -209,6 +216,8 @@ class PruneWrapper(keras.layers.Wrapper):
     def get_config(self):
         config = super().get_config()
         config["method"] = keras.saving.serialize_keras_object(self.method)
+        if self.budget is not None:
+            config["budget"] = keras.saving.serialize_keras_object(self.budget)
         return config
 
     @classmethod
@@ -218,7 +227,10 @@ class PruneWrapper(keras.layers.Wrapper):
                                                       custom_objects=custom_objects)
         method = keras.saving.deserialize_keras_object(config.pop("method"),
                                                        custom_objects=custom_objects)
-        return cls(layer, method, **config)
+        budget = config.pop("budget", None)
+        if budget is not None:
+            budget = keras.saving.deserialize_keras_object(budget, custom_objects=custom_objects)
+        return cls(layer, method, budget=budget, **config)
 
     # -- helpers used by strip/report/callback --------------------------------
     def masked_weights(self):

@@ -303,6 +303,29 @@ class Method:
     #: members removed it.
     coupling = "union"
 
+    def check_budget(self, budget):
+        """Raises a ValueError if this method cannot be used with ``budget`` (None: without one).
+
+        A budget (`tfprune.budgets`) ranks units over the whole model: it needs
+        a method that removes units and scores them (``coupling = "select"``).
+        """
+        if budget is not None and not (self.removes_units and self.coupling == "select"):
+            raise ValueError(
+                f"{type(self).__name__}: a budget ({budget!r}) ranks units over the whole model "
+                "and needs a method that scores whole units (coupling 'select': e.g. "
+                f"methods.Magnitude or methods.Taylor with structures.Filter()); got {self!r}.")
+
+    def budget_progress(self, step):
+        """``(due, progress)`` under a budget: whether units are re-selected before ``step``,
+        and the fraction of the way from the dense cost to the budget's target (in [0, 1]).
+
+        Default: once, at the first step, straight to the target.
+        """
+        return step == 0, 1.0
+
+    def on_units_selected(self, wrapper):
+        """Called after a budget (or a coupled group) imposed this layer's units (default: none)."""
+
     def unit_sparsity(self, step):
         """Fraction of the output units to remove at ``step`` (for ``coupling = "select"``)."""
         raise NotImplementedError(f"{type(self).__name__} has no unit sparsity.")

@@ -24,7 +24,8 @@ class Magnitude(MaskedMethod):
 
     Args:
         sparsity: fraction of groups to remove, in [0, 1). May be None when
-            ``schedule`` is given (the schedule's sparsity is used) or with a
+            ``schedule`` is given (the schedule's sparsity is used), when the
+            model is pruned with a ``budget`` (`tfprune.budgets`), or with a
             `KOutOfN` structure (``1 - k/n`` is implied; a schedule then only
             chooses the pruning steps and must not ask for another sparsity).
         structure: a `tfprune.structures.Structure` or its name
@@ -70,8 +71,7 @@ class Magnitude(MaskedMethod):
                 raise ValueError(
                     f"Magnitude: `sparsity`={sparsity} differs from the schedule's final "
                     f"sparsity {schedule.final_sparsity}; pass only one of them.")
-        elif sparsity is None:
-            raise ValueError("Magnitude: give `sparsity` (in [0, 1)) or a `schedule`.")
+        self._needs_budget = sparsity is None and schedule is None and not is_kn
         self.sparsity = sparsity
         self.schedule = schedule
         if schedule is None:  # one shot, at the first step
@@ -102,6 +102,18 @@ class Magnitude(MaskedMethod):
     def coupling(self):
         return "select" if self.structure.removes_units else "union"
 
+    def check_budget(self, budget):
+        if budget is None and self._needs_budget:
+            raise ValueError("Magnitude: give `sparsity` (in [0, 1)) or a `schedule`, or prune "
+                             "with a `budget` (tfprune.budgets).")
+        super().check_budget(budget)
+
+    def budget_progress(self, step):
+        """``(due, progress)`` under a budget: the schedule's timing and how far along its
+        curve the model is (0: dense, 1: the budget's target)."""
+        due = self._schedule()(step)[0]
+        return due, 1.0 if self.schedule is None else self.schedule.progress(step)
+
     def unit_sparsity(self, step):
         """The schedule's sparsity at ``step`` (for coupled units, `tfprune.groups`)."""
         return self.pruning_due(step)[1]
@@ -111,6 +123,8 @@ class Magnitude(MaskedMethod):
         return self._schedule()(step)
 
     def update(self, wrapper, step):
+        if getattr(wrapper, "budget", None) is not None:
+            return False  # the model's budget chooses the units (tfprune.groups)
         due, sparsity = self.pruning_due(step)
         if not due:
             return False
