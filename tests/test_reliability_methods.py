@@ -51,6 +51,10 @@ METHODS = {
                                                 sigma_init=0.05, kl_weight=1.0),
     "turbo_vbi_epoch": lambda: methods.TurboVBI(num_train_examples=32, sigma_init=0.05,
                                                 kl_weight=1.0, support_prior="chain"),
+    "turbo_vbi_filter": lambda: methods.TurboVBI(
+        num_train_examples=32, update_every=2, sigma_init=0.05, kl_weight=1.0,
+        structure=structures.Filter(), unit_schedule=schedules.PolynomialDecay(
+            0.0, 0.5, begin_step=0, end_step=10, frequency=2)),
 }
 
 
@@ -180,6 +184,9 @@ MIXED = {
     "dpp_filter": lambda: methods.DPP(keep_ratio=0.5, structure="filter", anneal_steps=8),
     "turbo_vbi": lambda: methods.TurboVBI(num_train_examples=32, update_every=2,
                                           kl_weight=1.0),
+    "turbo_vbi_filter": lambda: methods.TurboVBI(num_train_examples=32, update_every=2,
+                                                 kl_weight=1.0, structure="filter",
+                                                 unit_sparsity=0.5),
 }
 
 
@@ -279,6 +286,9 @@ SAVED = {
     "dpp_2of4": lambda: methods.DPP(2, 4, anneal_steps=8),
     "turbo_vbi": lambda: methods.TurboVBI(num_train_examples=32, update_every=2,
                                           kl_weight=1.0),
+    "turbo_vbi_filter": lambda: methods.TurboVBI(num_train_examples=32, update_every=2,
+                                                 kl_weight=1.0, structure="filter",
+                                                 unit_sparsity=0.5),
 }
 
 
