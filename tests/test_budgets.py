@@ -164,3 +164,21 @@ def test_a_method_that_cannot_rank_units_globally_raises(method):
 def test_magnitude_without_sparsity_needs_a_budget():
     with pytest.raises(ValueError, match="or prune with a `budget`"):
         tfprune.prune(_zoo("lenet5"), UNITS)
+
+
+def test_taylor_with_a_budget_waits_for_scores_then_meets_the_target():
+    model = _zoo("resnet")
+    pruned = tfprune.prune(model, methods.Taylor(min_steps=3), budget=budgets.FLOPs(0.5))
+    x, callback = _fit(pruned, model, steps=2, epochs=1)  # steps 0-1: not yet due
+    assert callback._groups.last_budget is None
+    x, callback = _fit(pruned, model, steps=2, epochs=2)  # step 3 is due and scored
+    last = callback._groups.last_budget
+    assert last["step"] == 3
+    small = tfprune.shrink(tfprune.strip(pruned))
+    assert _cost(small, "flops") <= 0.5 * _cost(model, "flops") + 1e-6
+    assert last["predicted"] == pytest.approx(_cost(small, "flops"))
+
+
+def test_taylor_without_sparsity_schedule_or_budget_raises():
+    with pytest.raises(ValueError, match="Taylor: give `sparsity`.*or prune with a `budget`"):
+        tfprune.prune(_zoo("lenet5"), methods.Taylor())

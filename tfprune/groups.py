@@ -68,6 +68,7 @@ class UnitGroups:
         self._tied = []
         self.budget = None
         self.last_budget = None
+        self._budget_waiting = False
         by_name = {w.name: w for w in wrappers}
         budgets = {repr(w.budget): w.budget for w in wrappers
                    if getattr(w, "budget", None) is not None}
@@ -189,13 +190,23 @@ class UnitGroups:
 
     # -- budget -----------------------------------------------------------------
     def budget_due(self, step):
-        """``(due, progress)`` of the budget at ``step`` (from the members' methods)."""
-        due, progress = False, 0.0
+        """``(due, progress)`` of the budget at ``step`` (from the members' methods).
+
+        A due selection waits (and is due at every later step) until every
+        member has unit scores (`Method.scored`, e.g. Taylor before its
+        first scored batch).
+        """
+        due, progress, ready = self._budget_waiting, 0.0, True
         for group in self.groups:
             if group.budgeted:
                 for w, _ in group.members:
                     d, p = w.method.budget_progress(step)
                     due, progress = due or d, max(progress, p)
+                    ready = ready and w.method.scored(w)
+        if due and not ready:
+            self._budget_waiting = True
+            return False, progress
+        self._budget_waiting = False
         return due, progress
 
     def _importance(self, group, normalize):

@@ -323,6 +323,10 @@ class Method:
         """
         return step == 0, 1.0
 
+    def scored(self, wrapper):
+        """False while the method has no unit scores yet (a budget then waits); default True."""
+        return True
+
     def on_units_selected(self, wrapper):
         """Called after a budget (or a coupled group) imposed this layer's units (default: none)."""
 

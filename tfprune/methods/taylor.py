@@ -283,7 +283,34 @@ class Taylor(MaskedMethod):
         """The schedule's sparsity at ``step`` (for coupled units, `tfprune.groups`)."""
         return self._effective_schedule(step)[1]
 
+    # -- budgets (`tfprune.budgets`) -------------------------------------------------
+    def check_budget(self, budget):
+        if budget is None and self.sparsity is None and self.schedule is None:
+            raise ValueError("Taylor: give `sparsity` (in [0, 1)) or a `schedule`, or prune "
+                             "with a `budget` (tfprune.budgets).")
+        super().check_budget(budget)
+
+    def budget_progress(self, step):
+        """The schedule's timing (``schedule=None``: once, at ``min_steps``) and progress."""
+        due = self._effective_schedule(step)[0]
+        return due, 1.0 if self.schedule is None else self.schedule.progress(step)
+
+    def scored(self, wrapper):
+        """True once a batch has been scored (a budget waits for it before choosing units)."""
+        return self._current_scores() is not None
+
+    def on_units_selected(self, wrapper):
+        """A budget chose the units from the current scores: they start a new period."""
+        scores = self._current_scores()
+        if scores is not None:
+            self._score.assign(scores.astype("float32"))
+            self._events.assign_add(1.0)
+        self._acc.assign(ops.zeros_like(self._acc))
+        self._count.assign(0.0)
+
     def update(self, wrapper, step):
+        if getattr(wrapper, "budget", None) is not None:
+            return False  # the model's budget chooses the units (tfprune.groups)
         due, sparsity = self._effective_schedule(step)
         if self._pending_py is None:
             self._pending_py = bool(float(ops.convert_to_numpy(self._pending)) > 0)
