@@ -456,3 +456,10 @@ def test_filter_arguments_are_validated(kwargs, needle):
 def test_unit_sparsity_of_an_unstructured_turbo_vbi_is_an_error():
     with pytest.raises(NotImplementedError, match="TurboVBI has no unit sparsity"):
         methods.TurboVBI().unit_sparsity(0)
+
+
+def test_a_budget_is_refused_clearly():
+    from tfprune import budgets
+
+    with pytest.raises(ValueError, match=r"TurboVBI: a budget \(FLOPs.*not supported"):
+        tfprune.prune(_mlp(), _filter(), budget=budgets.FLOPs(0.5))

@@ -444,6 +444,19 @@ class TurboVBI(Method):
         weights)."""
         return "select" if self.filter_units else "union"
 
+    def check_budget(self, budget):
+        """A budget (`tfprune.budgets`) is not supported yet: a ValueError.
+
+        Each turbo iteration selects this layer's units at its own
+        ``unit_sparsity``, which a model-wide budget would contradict.
+        """
+        if budget is not None:
+            raise ValueError(
+                f"TurboVBI: a budget ({budget!r}) is not supported; TurboVBI removes "
+                f"`unit_sparsity` of the units of every layer at each turbo iteration (got "
+                f"{self!r}); use structure=Filter() with unit_sparsity, or a budget with "
+                "methods.Magnitude or methods.Taylor.")
+
     def unit_sparsity(self, step):
         """The fraction of units removed by a turbo iteration at ``step`` (`Filter` only).
 
