@@ -56,10 +56,12 @@ def test_cost_model_predicts_the_shrunk_model_exactly(name):
         assert cm.cost() == pytest.approx(_cost(small, kind)), kind
 
 
-@pytest.mark.parametrize("name", ["lenet5", "resnet", "mobilenet", "inception"])
-@pytest.mark.parametrize("budget", [budgets.FLOPs(0.5), budgets.Params(0.3),
-                                    budgets.FLOPs(0.3, normalize="cost"),
-                                    budgets.FLOPs(0.4, normalize="none")], ids=repr)
+@pytest.mark.parametrize(("name", "budget"), [
+    ("lenet5", budgets.FLOPs(0.5)), ("lenet5", budgets.Params(0.3)),
+    ("resnet", budgets.FLOPs(0.5)), ("resnet", budgets.Params(0.3)),
+    ("mobilenet", budgets.FLOPs(0.3, normalize="cost")), ("mobilenet", budgets.Params(0.5)),
+    ("inception", budgets.FLOPs(0.4, normalize="none")),
+], ids=lambda v: v if isinstance(v, str) else repr(v))
 def test_the_shrunk_model_meets_the_budget(name, budget):
     model = _zoo(name)
     pruned = tfprune.prune(model, UNITS, budget=budget)
