@@ -168,6 +168,39 @@ def test_bad_widths_and_names_raise_clear_errors():
         table.predict({"d": 8})
 
 
+def test_the_rest_is_interpolated_between_calibration_points():
+    table = _synthetic()  # rest 30 us at the dense widths
+    table.calibration = [{"fraction": 0.5, "activations": 0.5, "measured_us": 40.0,
+                          "layers_us": 30.0, "rest_us": 10.0}]
+    d, dw = table.layers["d"], table.layers["dw"]
+    total = d.positions * 4 + dw.positions * 12
+    assert table.activations() == 1.0
+    assert table.activations({"d": (8, 2)}) == pytest.approx((total - 2) / total)
+    assert table.predict() == pytest.approx(100.0)  # still exact at the dense widths
+    half = {"d": (4, 2), "dw": (3, 6)}  # half of every output
+    assert table.activations(half) == pytest.approx(0.5)
+    assert table.rest_at(half) == pytest.approx(10.0)
+    assert table.predict(half) == pytest.approx(10.0 + 10.0 + 4.0)
+    three_quarters = {"d": (8, 3), "dw": (5, 10)}
+    x = table.activations(three_quarters)
+    assert table.rest_at(three_quarters) == pytest.approx(10.0 + (x - 0.5) / 0.5 * 20.0)
+    assert table.rest_at({"d": (1, 1), "dw": (1, None)}) == 10.0  # held below the narrowest
+    restored = LatencyTable.from_dict(table.to_dict())
+    assert restored.calibration == table.calibration
+    assert restored.predict(half) == table.predict(half)
+
+
+def test_measure_calibrates_the_rest_on_narrower_copies_of_the_model(measured):
+    model, table, _ = measured
+    assert [c["fraction"] for c in table.calibration] == [0.5, 0.25]
+    for c in table.calibration:
+        assert 0 < c["activations"] < 1 and c["measured_us"] > 0
+        assert c["rest_us"] == pytest.approx(c["measured_us"] - c["layers_us"])
+    half = latency._scaled_copy(model, 0.5)
+    assert table.kept_of(half) == {"c1": (3, 2), "d1": (72, 3)}  # the output layer keeps 3
+    assert "rest calibration" in table.summary()
+
+
 # --------------------------------------------------------------------------- layer types
 
 
@@ -188,6 +221,10 @@ def test_depthwise_grouped_separable_and_3d_dense_layers(fake_litert, tmp_path):
     with pytest.raises(ValueError, match=r"'grp' must be in \[1, 8\] and a multiple of groups=2"):
         table.layer_latency("grp", 3, 4)
     assert table.predict(table.kept_of(model)) == pytest.approx(table.dense_us)
+    # grouped convolutions: no uniformly narrower copy, the rest stays constant and says why
+    assert table.calibration == []
+    assert "grouped convolution 'gdw'" in table.calibration_note
+    assert "rest constant: no uniformly narrower copy" in table.summary()
 
 
 def test_every_probe_layer_type_converts_and_runs_on_litert(tmp_path):
@@ -328,6 +365,7 @@ def test_bad_models_and_arguments_raise_clear_errors(tmp_path):
         ({"fractions": ()}, ValueError, r"`fractions` must hold at least one"),
         ({"fractions": (1.0, 0.0)}, ValueError, r"numbers in \(0, 1\], got 0.0"),
         ({"fractions": (1.0, "half")}, TypeError, r"got 'half'"),
+        ({"calibration": (1.0,)}, ValueError, r"`calibration` fractions must be < 1"),
     ]:
         with pytest.raises(error, match=pattern):
             LatencyTable.measure(small_cnn(), cache_dir=tmp_path, progress=False, **kwargs)

@@ -54,7 +54,7 @@ DEFAULT_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)
 CACHE_ENV = "TFPRUNE_CACHE_DIR"
 """Environment variable naming the cache directory (default ``~/.cache/tfprune/latency``)."""
 
-_SCHEMA = 1  # bump when the measurement or the file layout changes: old caches then miss
+_SCHEMA = 2  # bump when the measurement or the file layout changes: old caches then miss
 
 
 # --------------------------------------------------------------------------- the model's layers
@@ -83,6 +83,10 @@ class LayerEntry:
         calls: the layer's calls: ``[{"input_shape": [...], "count": n}]``
             (batch axis excluded); a layer called more than once is measured
             once per distinct input shape and counted once per call.
+        positions: output positions per unit, summed over the calls (the
+            product of the output's spatial sizes; 1 for a Dense layer on a
+            flat input): ``positions * out_kept`` is the layer's output size,
+            which weighs it in the activation fraction that scales the rest.
     """
 
     name: str
@@ -96,6 +100,7 @@ class LayerEntry:
     multiplier: int = 1
     groups: int = 1
     calls: list = field(default_factory=list)
+    positions: int = 1
 
     @property
     def dense_us(self) -> float:
@@ -119,7 +124,7 @@ def _channel_axis(layer, rank):
 
 
 def _collect_calls(model, count=1, found=None):
-    """``{name: (layer, {input shape without batch: number of calls})}`` of prunable layers."""
+    """``{name: (layer, {input shape without batch: [calls, output positions per call]})}``."""
     found = {} if found is None else found
     for node in _graph_nodes(model):
         op = node.operation
@@ -144,7 +149,10 @@ def _collect_calls(model, count=1, found=None):
             raise ValueError(
                 f"LatencyTable: two different layers are named '{op.name}' (nested models?); "
                 f"tables are keyed by layer name, so rename one of them.")
-        shapes[shape] = shapes.get(shape, 0) + count
+        out = tuple(node.output_tensors[0].shape[1:])
+        out_axis = _channel_axis(op, len(out) + 1) - 1
+        positions = int(np.prod([d for k, d in enumerate(out) if k != out_axis] or [1]))
+        shapes.setdefault(shape, [0, positions])[0] += count
     return found
 
 
@@ -187,7 +195,8 @@ def _describe(layer, shapes, fractions):
         name=layer.name, type=type(layer).__name__, kind=kind, in_total=in_total,
         out_total=out_total, in_grid=in_grid, out_grid=out_grid, us=[],
         multiplier=multiplier, groups=groups if kind == "grouped" else 1,
-        calls=[{"input_shape": list(s), "count": c} for s, c in shapes.items()])
+        calls=[{"input_shape": list(s), "count": c} for s, (c, _) in shapes.items()],
+        positions=sum(c * p for c, p in shapes.values()))
 
 
 def _probe_model(layer, entry, input_shape, in_kept, out_kept):
@@ -237,6 +246,33 @@ def _check_model(model, fn):
             f"`verify`).")
 
 
+def _scaled_copy(model, fraction):
+    """A copy of ``model`` whose prunable layers keep ``round(fraction * units)`` units.
+
+    Layers producing a model output keep their width (as `tfprune.shrink`
+    does); the weights are fresh (latency does not depend on their values).
+
+    Raises:
+        ValueError: the model has grouped convolutions (their ``groups``
+            would have to follow the widths).
+        Exception: whatever Keras raises when the narrower graph does not
+            build (e.g. a Reshape to a fixed size).
+    """
+    outputs = {t._keras_history[0].name for t in model.outputs if hasattr(t, "_keras_history")}
+
+    def clone(layer):
+        config = layer.get_config()
+        if handlers.get_handler(layer) is not None and layer.name not in outputs:
+            if int(config.get("groups", 1) or 1) > 1:
+                raise ValueError(f"grouped convolution '{layer.name}'")
+            for key in ("units", "filters"):
+                if key in config:
+                    config[key] = max(1, math.floor(fraction * config[key] + 0.5))
+        return layer.__class__.from_config(config)
+
+    return keras.models.clone_model(model, clone_function=clone, recursive=True)
+
+
 # --------------------------------------------------------------------------- cache
 
 
@@ -269,17 +305,18 @@ def _jsonable(obj):
     return type(obj).__name__  # never repr(): memory addresses would change the key
 
 
-def _cache_key(model, calls, *, threads, fractions, runs, warmup):
+def _cache_key(model, calls, *, threads, fractions, runs, warmup, calibration):
     """What a table depends on: architecture (not weights), measurement, machine, versions."""
     return {
         "schema": _SCHEMA,
         "architecture": json.loads(json.dumps(
             {"model": model.get_config(),
-             "calls": {n: sorted([list(s), c] for s, c in shapes.items())
+             "calls": {n: sorted([list(s), c] for s, (c, _) in shapes.items())
                        for n, (_, shapes) in sorted(calls.items())}},
             sort_keys=True, default=_jsonable)),
         "threads": threads,
         "fractions": [float(f) for f in fractions],
+        "calibration": [float(f) for f in calibration],
         "runs": runs,
         "warmup": warmup,
         "machine": {"processor": platform.processor(), "machine": platform.machine(),
@@ -323,13 +360,19 @@ class LatencyTable:
     """Measured per-layer LiteRT latencies of one model, and predictions from them.
 
     Build one with `LatencyTable.measure` (or `LatencyTable.from_dict`).
-    ``predict`` is calibrated on the dense model: at the dense widths it
-    returns exactly the measured ``dense_us`` (``rest_us`` is kept signed for
-    that: a negative rest means the one-layer models together cost more than
-    the whole model, e.g. each pays the interpreter's fixed cost per
-    inference). Below the dense widths it adds the layers' measured savings,
-    never going under ``min(dense_us, the slowest single layer at its kept
-    widths)``: a model is not faster than one of its layers alone.
+    ``predict(kept) = rest_at(kept) + the layers' latencies``. The rest is
+    what the one-layer models do not see (pooling, BatchNormalization,
+    activations, Flatten, the interpreter's fixed cost, fusion). At the dense
+    widths it is ``rest_us = dense_us - the layers' dense latencies``, kept
+    signed (a negative rest means the one-layer models together cost more than
+    the whole model), so ``predict`` returns exactly the measured ``dense_us``
+    there. Most of the rest works on the layers' outputs and shrinks with
+    them: the whole model is also timed at uniformly narrower widths
+    (``calibration``) and the rest is interpolated linearly in the kept
+    fraction of the layers' output activations between those points (and held
+    constant below the narrowest). A prediction never goes under
+    ``min(dense_us, the slowest single layer at its kept widths)``: a model is
+    not faster than one of its layers alone.
 
     Attributes:
         model_name: the measured model's name.
@@ -341,6 +384,13 @@ class LatencyTable:
         dense_check_us: the same, measured again after the layer sweep (its
             difference to ``dense_us`` shows the machine's drift and noise).
         layers: ``{layer name: LayerEntry}``, in graph order.
+        calibration: the whole model timed at uniformly narrower widths:
+            ``[{"fraction", "activations", "measured_us", "layers_us",
+            "rest_us"}]`` (``activations``: kept fraction of the layers'
+            output activations; ``rest_us = measured_us - layers_us``).
+            Empty when no narrower copy could be built
+            (``calibration_note`` says why): the rest is then constant.
+        calibration_note: why calibration was skipped, or "".
         seconds: wall time the measurement took.
         key: what the cache key was made of (architecture, threads,
             fractions, runs, warm-up, machine, versions).
@@ -348,7 +398,8 @@ class LatencyTable:
     """
 
     def __init__(self, *, model_name, threads, fractions, runs, warmup, dense_us,
-                 dense_check_us, layers, seconds=0.0, key=None, from_cache=False):
+                 dense_check_us, layers, calibration=(), calibration_note="", seconds=0.0,
+                 key=None, from_cache=False):
         self.model_name = model_name
         self.threads = threads
         self.fractions = tuple(fractions)
@@ -357,6 +408,8 @@ class LatencyTable:
         self.dense_us = float(dense_us)
         self.dense_check_us = float(dense_check_us)
         self.layers = dict(layers)
+        self.calibration = [dict(c) for c in calibration]
+        self.calibration_note = calibration_note
         self.seconds = float(seconds)
         self.key = key
         self.from_cache = from_cache
@@ -365,7 +418,7 @@ class LatencyTable:
 
     @classmethod
     def measure(cls, model, *, threads=1, fractions=DEFAULT_FRACTIONS, runs=50, warmup=10,
-                cache_dir=None, cache=True, progress=True):
+                calibration=(0.5, 0.25), cache_dir=None, cache=True, progress=True):
         """Measures (or loads from the cache) the latency table of ``model``.
 
         For each prunable layer (``tfprune.handlers.get_handler(layer)`` not
@@ -376,7 +429,10 @@ class LatencyTable:
         after ``warmup``). The grid of a layer is ``round(f * total)`` for
         each fraction ``f`` (at least 1, unique, the dense width always
         included) of its input channels x its units (1-D for depthwise
-        layers). The whole model is timed before and after the sweep.
+        layers). The whole model is timed before and after the sweep, and at
+        each ``calibration`` fraction of its prunable layers' units (a copy
+        with fresh weights; layers producing model outputs keep their width)
+        to calibrate the rest (see `LatencyTable`).
 
         Cost: one conversion (~0.2-0.4 s) plus ``runs + warmup`` inferences
         per grid point, about 25 points per layer with the default fractions.
@@ -390,6 +446,8 @@ class LatencyTable:
             fractions: width fractions in (0, 1] of the grid.
             runs: timed inferences per point.
             warmup: untimed inferences per point.
+            calibration: width fractions in (0, 1) at which the whole model
+                is timed to calibrate the rest; ``()`` for a constant rest.
             cache_dir: directory of the JSON cache files (default:
                 `default_cache_dir`: ``$TFPRUNE_CACHE_DIR`` or
                 ``~/.cache/tfprune/latency``).
@@ -420,13 +478,17 @@ class LatencyTable:
             if value < minimum:
                 raise ValueError(f"{owner}: `{name}` must be an int >= {minimum}, got {value}.")
         fractions = cls._check_fractions(fractions, owner)
+        calibration = cls._check_fractions(calibration, owner, "calibration", empty=True)
+        if 1.0 in calibration:
+            raise ValueError(f"{owner}: `calibration` fractions must be < 1 (the dense model "
+                             f"is always timed), got {calibration!r}.")
         calls = _collect_calls(model)
         if not calls:
             raise ValueError(
                 f"{owner}: model '{model.name}' has no prunable layer (supported types: "
                 f"{', '.join(handlers.supported_layer_types())}); there is nothing to tabulate.")
         key = _cache_key(model, calls, threads=threads, fractions=fractions, runs=runs,
-                         warmup=warmup)
+                         warmup=warmup, calibration=calibration)
         path = None
         if cache:
             directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -435,32 +497,33 @@ class LatencyTable:
             if table is not None:
                 return table
         table = cls._measure(model, calls, key, threads=threads, fractions=fractions, runs=runs,
-                             warmup=warmup, progress=progress)
+                             warmup=warmup, calibration=calibration, progress=progress)
         if path is not None:
             table._save(path)
         return table
 
     @staticmethod
-    def _check_fractions(fractions, owner):
+    def _check_fractions(fractions, owner, name="fractions", empty=False):
         try:
             values = tuple(fractions)
         except TypeError:
-            raise TypeError(f"{owner}: `fractions` must be a sequence of numbers in (0, 1], got "
+            raise TypeError(f"{owner}: `{name}` must be a sequence of numbers in (0, 1], got "
                             f"{fractions!r}.") from None
-        if not values:
-            raise ValueError(f"{owner}: `fractions` must hold at least one number in (0, 1], "
+        if not values and not empty:
+            raise ValueError(f"{owner}: `{name}` must hold at least one number in (0, 1], "
                              f"got {fractions!r}.")
         for f in values:
             if isinstance(f, bool) or not isinstance(f, (int, float, np.integer, np.floating)):
-                raise TypeError(f"{owner}: `fractions` must hold numbers in (0, 1], got {f!r} "
+                raise TypeError(f"{owner}: `{name}` must hold numbers in (0, 1], got {f!r} "
                                 f"in {fractions!r}.")
             if not 0.0 < float(f) <= 1.0:
-                raise ValueError(f"{owner}: `fractions` must hold numbers in (0, 1], got {f!r} "
+                raise ValueError(f"{owner}: `{name}` must hold numbers in (0, 1], got {f!r} "
                                  f"in {fractions!r}.")
         return tuple(sorted({float(f) for f in values}, reverse=True))
 
     @classmethod
-    def _measure(cls, model, calls, key, *, threads, fractions, runs, warmup, progress):
+    def _measure(cls, model, calls, key, *, threads, fractions, runs, warmup, calibration,
+                 progress):
         from tqdm.auto import tqdm
 
         start = time.perf_counter()
@@ -474,8 +537,8 @@ class LatencyTable:
         points = sum(len(e.calls) * len(e.in_grid) * (1 if e.kind == "depthwise"
                                                        else len(e.out_grid))
                      for e in entries.values())
-        with tqdm(total=points + 2, desc=f"latency table '{model.name}'", unit="point",
-                  disable=not progress, leave=False) as bar:
+        with tqdm(total=points + 2 + len(calibration), desc=f"latency table '{model.name}'",
+                  unit="point", disable=not progress, leave=False) as bar:
             dense_blob = export_tflite(model, sparse=False)
             dense_us = benchmark_tflite(dense_blob, runs=runs, warmup=warmup,
                                         threads=threads)["median_us"]
@@ -492,12 +555,32 @@ class LatencyTable:
                             grid[i, j] += call["count"] * bench(probe)
                             bar.update()
                 entry.us = (grid[:, 0] if entry.kind == "depthwise" else grid).tolist()
-            dense_check_us = benchmark_tflite(dense_blob, runs=runs, warmup=warmup,
-                                              threads=threads)["median_us"]
+            table = cls(model_name=model.name, threads=threads, fractions=fractions, runs=runs,
+                        warmup=warmup, dense_us=dense_us, dense_check_us=dense_us,
+                        layers=entries, key=key)
+            bar.set_postfix_str("whole model")
+            for fraction in calibration:
+                try:
+                    narrow = _scaled_copy(model, fraction)
+                    kept = table.kept_of(narrow)
+                except Exception as e:  # noqa: BLE001 - any reason: fall back to a constant rest
+                    table.calibration_note = (
+                        f"no uniformly narrower copy of '{model.name}' ({type(e).__name__}: {e})")
+                    bar.update(len(calibration) - len(table.calibration))
+                    table.calibration = []
+                    break
+                measured = bench(narrow)
+                layers_us = sum(table.layer_latency(n, *k) for n, k in kept.items())
+                table.calibration.append({
+                    "fraction": fraction, "activations": table.activations(kept),
+                    "measured_us": measured, "layers_us": layers_us,
+                    "rest_us": measured - layers_us})
+                bar.update()
+            table.dense_check_us = benchmark_tflite(dense_blob, runs=runs, warmup=warmup,
+                                                    threads=threads)["median_us"]
             bar.update()
-        return cls(model_name=model.name, threads=threads, fractions=fractions, runs=runs,
-                   warmup=warmup, dense_us=dense_us, dense_check_us=dense_check_us,
-                   layers=entries, seconds=time.perf_counter() - start, key=key)
+        table.seconds = time.perf_counter() - start
+        return table
 
     # ------------------------------------------------------------------ cache files
 
@@ -506,6 +589,7 @@ class LatencyTable:
         return {"schema": _SCHEMA, "model_name": self.model_name, "threads": self.threads,
                 "fractions": list(self.fractions), "runs": self.runs, "warmup": self.warmup,
                 "dense_us": self.dense_us, "dense_check_us": self.dense_check_us,
+                "calibration": self.calibration, "calibration_note": self.calibration_note,
                 "seconds": self.seconds, "key": self.key,
                 "layers": [asdict(e) for e in self.layers.values()]}
 
@@ -516,7 +600,9 @@ class LatencyTable:
         return cls(model_name=data["model_name"], threads=data["threads"],
                    fractions=data["fractions"], runs=data["runs"], warmup=data["warmup"],
                    dense_us=data["dense_us"], dense_check_us=data["dense_check_us"],
-                   layers=layers, seconds=data.get("seconds", 0.0), key=data.get("key"),
+                   layers=layers, calibration=data.get("calibration", ()),
+                   calibration_note=data.get("calibration_note", ""),
+                   seconds=data.get("seconds", 0.0), key=data.get("key"),
                    from_cache=from_cache)
 
     @classmethod
@@ -546,6 +632,50 @@ class LatencyTable:
     def rest_us(self) -> float:
         """``dense_us`` minus the layers' latencies at their dense widths (may be negative)."""
         return self.dense_us - sum(e.dense_us for e in self.layers.values())
+
+    def _checked_kept(self, kept, owner):
+        """``{name: (in_kept, out_kept)}`` for every layer (dense widths where not given)."""
+        kept = {} if kept is None else kept
+        if not isinstance(kept, dict):
+            raise TypeError(f"{owner}: `kept` must be a dict {{layer name: (in_kept, out_kept)}}, "
+                            f"got {type(kept).__name__}.")
+        for name, pair in kept.items():
+            self._entry(name, owner)
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"{owner}: kept[{name!r}] must be a pair (in_kept, out_kept), "
+                                 f"got {pair!r}.")
+        return {name: tuple(kept.get(name, (e.in_total, e.out_total)))
+                for name, e in self.layers.items()}
+
+    def activations(self, kept=None) -> float:
+        """Kept fraction of the layers' output activations (``positions x out_kept``), in (0, 1].
+
+        Args:
+            kept: as in `predict`.
+        """
+        kept = self._checked_kept(kept, "LatencyTable.activations")
+        total = sum(e.positions * e.out_total for e in self.layers.values())
+        done = 0
+        for name, e in self.layers.items():
+            n_in, n_out = kept[name]
+            if e.kind == "depthwise":
+                n_out = n_in * e.multiplier
+            done += e.positions * n_out
+        return done / total
+
+    def rest_at(self, kept=None) -> float:
+        """The rest (microseconds) at the given widths: ``rest_us`` calibrated (see the class).
+
+        Args:
+            kept: as in `predict`.
+        """
+        x = self.activations(kept)
+        points = {1.0: self.rest_us}
+        for c in self.calibration:
+            if c["activations"] < 1.0:
+                points.setdefault(float(c["activations"]), float(c["rest_us"]))
+        xs = sorted(points)
+        return float(np.interp(x, xs, [points[k] for k in xs]))
 
     def _entry(self, name, owner):
         entry = self.layers.get(name)
@@ -599,7 +729,7 @@ class LatencyTable:
     def predict(self, kept=None) -> float:
         """Predicted latency (microseconds) of the model with the given widths.
 
-        ``rest_us`` plus every layer's `layer_latency`, at least
+        `rest_at` plus every layer's `layer_latency`, at least
         ``min(dense_us, the largest single layer latency)``. At the dense
         widths this is ``dense_us`` (up to float rounding).
 
@@ -611,22 +741,11 @@ class LatencyTable:
             ValueError: an unknown layer name, a width out of range, or a
                 value that is not an ``(in_kept, out_kept)`` pair.
         """
-        kept = {} if kept is None else kept
-        if not isinstance(kept, dict):
-            raise TypeError(f"LatencyTable.predict: `kept` must be a dict {{layer name: "
-                            f"(in_kept, out_kept)}}, got {type(kept).__name__}.")
-        for name in kept:
-            self._entry(name, "LatencyTable.predict")
-        total, largest = self.rest_us, 0.0
+        given = {} if kept is None else kept
+        kept = self._checked_kept(given, "LatencyTable.predict")
+        total, largest = self.rest_at(kept), 0.0
         for name, entry in self.layers.items():
-            if name in kept:
-                pair = kept[name]
-                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                    raise ValueError(f"LatencyTable.predict: kept[{name!r}] must be a pair "
-                                     f"(in_kept, out_kept), got {pair!r}.")
-                us = self.layer_latency(name, *pair)
-            else:
-                us = entry.dense_us
+            us = self.layer_latency(name, *kept[name]) if name in given else entry.dense_us
             total += us
             largest = max(largest, us)
         return float(max(total, min(self.dense_us, largest)))
@@ -729,6 +848,15 @@ class LatencyTable:
             f"{'measured dense again, after the sweep':<44} {self.dense_check_us:>10.1f} us "
             f"({drift:+.1%})",
         ]
+        if self.calibration:
+            lines += ["", "rest calibration (whole model at uniformly narrower widths):",
+                      f"{'fraction':>10} {'activations':>12} {'measured us':>12} "
+                      f"{'layers us':>10} {'rest us':>9}"]
+            lines += [f"{c['fraction']:>10.3g} {c['activations']:>12.1%} "
+                      f"{c['measured_us']:>12.1f} {c['layers_us']:>10.1f} {c['rest_us']:>9.1f}"
+                      for c in self.calibration]
+        else:
+            lines.append(f"rest constant: {self.calibration_note or 'no calibration asked'}")
         return "\n".join(lines)
 
     def __repr__(self):
