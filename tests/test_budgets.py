@@ -184,3 +184,35 @@ def test_taylor_with_a_budget_waits_for_scores_then_meets_the_target():
 def test_taylor_without_sparsity_schedule_or_budget_raises():
     with pytest.raises(ValueError, match="Taylor: give `sparsity`.*or prune with a `budget`"):
         tfprune.prune(_zoo("lenet5"), methods.Taylor())
+
+
+def test_a_budget_that_cannot_be_met_warns_with_the_smallest_cost():
+    inp = keras.Input((8,))
+    x = keras.layers.Dense(4, name="h")(inp)
+    model = keras.Model(inp, keras.layers.Dense(64, name="head")(x))  # the head dominates
+    pruned = tfprune.prune(model, UNITS, budget=budgets.Params(0.2))
+    with pytest.warns(RuntimeWarning, match="cannot be met at step 0"):
+        _fit(pruned, model)
+    assert pruned.get_layer("h").method.unit_mask(pruned.get_layer("h")).sum() == 1
+
+
+def test_latency_budget_predicts_from_measured_tables_and_verifies(tmp_path):
+    inp = keras.Input((16, 16, 8))
+    x = inp
+    for i, width in enumerate((32, 64, 64)):
+        x = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name=f"c{i}")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, keras.layers.Dense(10, name="head")(x))
+    budget = budgets.Latency(0.5, runs=20, fractions=(1.0, 0.5, 0.25), cache_dir=tmp_path)
+    pruned = tfprune.prune(model, UNITS, budget=budget)
+    _, callback = _fit(pruned, model)
+    last = callback._groups.last_budget
+    assert last["predicted"] <= last["target"] + 1e-6
+    small = tfprune.shrink(tfprune.strip(pruned))
+    result = budget.verify(model, small)  # the table comes from the cache: same key
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    assert result["predicted_us"] == pytest.approx(last["predicted"], rel=1e-6)
+    assert result["measured_us"] > 0 and 0.3 < result["ratio"] < 3.0
+    assert set(result) >= {"dense_us", "measured_over_dense", "target_us", "met"}
+    assert keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(budget)) == budget

@@ -14,6 +14,7 @@ from tfprune import (  # noqa: E402
     budgets,
     callbacks,
     datasets,
+    latency,
     methods,
     models,
     schedules,
@@ -27,6 +28,6 @@ from tfprune.wrapper import PruneWrapper  # noqa: E402
 
 __all__ = [
     "PruneWrapper", "Report", "benchmark_tflite", "budgets", "callbacks", "datasets",
-    "export_tflite", "methods", "models", "prune", "run_tflite", "schedules", "shrink",
+    "export_tflite", "latency", "methods", "models", "prune", "run_tflite", "schedules", "shrink",
     "sparsity_report", "strip", "structures",
 ]

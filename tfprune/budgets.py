@@ -109,6 +109,84 @@ class Params(Budget):
     kind = "params"
 
 
+@keras.saving.register_keras_serializable(package=_PKG)
+class Latency(Budget):
+    """The shrunk model keeps at most ``keep`` of the dense model's *measured* LiteRT latency.
+
+    At the start of training the dense model's layers are timed on this
+    machine at a grid of widths (`tfprune.latency.LatencyTable`, NetAdapt
+    style, cached per model, machine and versions, with a progress bar); the
+    units are then chosen so that the latency the table predicts for the
+    shrunk model is at most ``keep`` of the measured dense latency. Check the
+    result with `verify`, which times the shrunk model itself.
+
+    Args:
+        keep: fraction of the dense median latency the shrunk model may take.
+        threads: LiteRT interpreter threads (as in `tfprune.benchmark_tflite`).
+        normalize: see `Budget`.
+        fractions: width fractions of the per-layer grid.
+        runs: timed inferences per grid point (median taken).
+        cache_dir: where tables are cached (None: ``$TFPRUNE_CACHE_DIR`` or
+            ``~/.cache/tfprune/latency``).
+
+    Example:
+        >>> budget = tfprune.budgets.Latency(0.4)
+        >>> pruned = tfprune.prune(model, methods.Magnitude(structure=structures.Filter()),
+        ...                        budget=budget)
+        >>> pruned.fit(x, y, callbacks=[tfprune.callbacks.Pruning()])
+        >>> small = tfprune.shrink(tfprune.strip(pruned))
+        >>> budget.verify(model, small)        # predicted vs measured, same run
+    """
+
+    kind = "latency"
+
+    def __init__(self, keep, threads=1, normalize="mean", fractions=(1.0, 0.75, 0.5, 0.25, 0.125),
+                 runs=50, cache_dir=None):
+        super().__init__(keep, normalize)
+        from tfprune._utils import check_int
+
+        self.threads = check_int(threads, "threads", owner="Latency", minimum=1)
+        self.fractions = tuple(float(f) for f in fractions)
+        self.runs = check_int(runs, "runs", owner="Latency", minimum=1)
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
+
+    def get_config(self):
+        return {**super().get_config(), "threads": self.threads,
+                "fractions": list(self.fractions), "runs": self.runs,
+                "cache_dir": self.cache_dir}
+
+    def table(self, model):
+        """The (cached) `tfprune.latency.LatencyTable` of ``model``'s dense architecture."""
+        from tfprune.api import strip
+        from tfprune.latency import LatencyTable
+
+        plain = strip(model)  # also for a plain model: the same config, the same cache key
+        return LatencyTable.measure(plain, threads=self.threads, fractions=self.fractions,
+                                    runs=self.runs, cache_dir=self.cache_dir)
+
+    def cost_model(self, model):
+        return CostModel(model, "latency", table=self.table(model))
+
+    def verify(self, model, shrunk_model):
+        """Times ``shrunk_model`` and compares it with the table's prediction and the dense latency.
+
+        Args:
+            model: the dense (or pruned) model the budget was set for.
+            shrunk_model: the result of `tfprune.shrink`.
+
+        Returns:
+            ``{"predicted_us", "measured_us", "ratio", "dense_us", "measured_over_dense",
+            "target_us", "met"}``; ``met`` is ``measured_us <= keep * dense_us``.
+        """
+        table = self.table(model)
+        result = table.verify(shrunk_model)
+        result.update(dense_us=table.dense_us,
+                      measured_over_dense=result["measured_us"] / table.dense_us,
+                      target_us=self.keep * table.dense_us,
+                      met=result["measured_us"] <= self.keep * table.dense_us)
+        return result
+
+
 def get(identifier):
     """Resolves None, a `Budget` or its config dict."""
     if identifier is None or isinstance(identifier, Budget):
@@ -202,12 +280,17 @@ class CostModel:
         >>> cm.dense, cm.cost()                  # before / after removing the masked units
     """
 
-    def __init__(self, model, kind="flops"):
+    def __init__(self, model, kind="flops", table=None):
         from tfprune.surgery.graph import DependencyGraph, unwrap
 
-        if kind not in ("flops", "params"):
-            raise ValueError(f"CostModel: `kind` must be 'flops' or 'params', got {kind!r}.")
+        if kind not in ("flops", "params", "latency"):
+            raise ValueError("CostModel: `kind` must be 'flops', 'params' or 'latency', "
+                             f"got {kind!r}.")
+        if (kind == "latency") != (table is not None):
+            raise ValueError("CostModel: kind='latency' needs a `table` "
+                             "(tfprune.latency.LatencyTable), and only it.")
         self.kind = kind
+        self.table = table
         self.graph = DependencyGraph(model)
         self.layers = {}
         from tfprune._utils import iter_layers
@@ -247,10 +330,32 @@ class CostModel:
 
     def cost(self):
         """The current total cost (with the removals applied so far)."""
+        if self.kind == "latency":
+            return float(self.table.predict(self.kept()))
         return float(sum(rec.cost() for rec in self.layers.values()))
+
+    def kept(self):
+        """``{layer name: (kept input features, kept units)}`` of the prunable layers the
+        latency table knows (for ``kind="latency"``)."""
+        out = {}
+        for name, rec in self.layers.items():
+            if rec.prunable and name in self.table.layers:
+                entry = self.table.layers[name]
+                fin = rec.rows - len(rec.removed_rows)
+                in_kept = int(round(entry.in_total * fin / rec.rows))
+                if entry.kind == "depthwise":  # the units go with the input channels
+                    out[name] = (in_kept, None)
+                else:
+                    out[name] = (in_kept, rec.units - len(rec.removed_units))
+        return out
 
     def remove(self, group_index, channel):
         """Applies the removal of ``channel`` of group ``group_index``; returns the cost saved."""
+        if self.kind == "latency":
+            before = self.cost()
+            for rec, what, items in self.effects[group_index][channel]:
+                (rec.removed_units if what == "unit" else rec.removed_rows).update(items)
+            return before - self.cost()
         recs = {id(rec): rec for rec, _, _ in self.effects[group_index][channel]}
         before = sum(rec.cost() for rec in recs.values())
         for rec, what, items in self.effects[group_index][channel]:
@@ -260,13 +365,11 @@ class CostModel:
     def saving(self, group_index, channel):
         """The cost one more removed ``channel`` of group ``group_index`` saves (now)."""
         recs = {id(rec): rec for rec, _, _ in self.effects[group_index][channel]}
-        before = sum(rec.cost() for rec in recs.values())
         saved = [(rec, set(rec.removed_units), set(rec.removed_rows)) for rec in recs.values()]
-        self.remove(group_index, channel)
-        after = sum(rec.cost() for rec in recs.values())
+        delta = self.remove(group_index, channel)
         for rec, units, rows in saved:
             rec.removed_units, rec.removed_rows = units, rows
-        return before - after
+        return delta
 
     def reset(self):
         for rec in self.layers.values():

@@ -267,6 +267,14 @@ class UnitGroups:
         self.last_budget = {"target": float(target), "predicted": cm.cost(),
                             "dense": float(cm.dense), "step": int(step)}
         cm.reset()
+        if self.last_budget["predicted"] > target * (1 + 1e-9):
+            warnings.warn(
+                f"Pruning: {budget!r} cannot be met at step {step}: with every budgeted group "
+                f"down to its last channels (its round_to) the shrunk model costs "
+                f"{self.last_budget['predicted']:.6g} "
+                f"({self.last_budget['predicted'] / cm.dense:.1%} of dense), above the target "
+                f"{target:.6g}; the rest of the cost is in layers whose units must stay (model "
+                "outputs, stops, fixed overhead).", RuntimeWarning, stacklevel=2)
         return self.last_budget
 
     # -- followers -------------------------------------------------------------
