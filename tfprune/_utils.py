@@ -167,3 +167,24 @@ def resolve_identifier(identifier, *, argument, base, names, kind, example, pref
 
 def _names_text(names):
     return ", ".join(repr(n) for n in names)
+
+
+class Configurable:
+    """A small value object defined by its ``get_config()``: rebuilt with
+    ``cls(**config)``, equal when the configs are, shown as ``Name(arg=value, ...)``."""
+
+    def get_config(self):
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    __hash__ = None
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"

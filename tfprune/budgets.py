@@ -36,13 +36,13 @@ import keras
 import numpy as np
 
 from tfprune import handlers
-from tfprune._utils import check_fraction
+from tfprune._utils import Configurable, check_fraction
 
 _PKG = "tfprune"
 _NORMALIZE = ("mean", "none", "cost")
 
 
-class Budget:
+class Budget(Configurable):
     """Base class: a whole-model target ``keep`` (0 < keep <= 1) of the dense cost.
 
     Args:
@@ -66,17 +66,6 @@ class Budget:
 
     def get_config(self):
         return {"keep": self.keep, "normalize": self.normalize}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
     def cost_model(self, model):
         """The `CostModel` of ``model`` for this budget's kind of cost."""

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import keras
 
-from tfprune._utils import check_fraction, check_int, check_positive
+from tfprune._utils import Configurable, check_fraction, check_int, check_positive
 
 _PKG = "tfprune"
 
 
-class PruningSchedule:
+class PruningSchedule(Configurable):
     """Base class of the schedules."""
 
     def __call__(self, step):
@@ -35,17 +35,6 @@ class PruningSchedule:
 
     def get_config(self):
         raise NotImplementedError
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
 
     @staticmethod
     def _in_range(step, begin, end, frequency):
