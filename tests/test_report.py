@@ -157,3 +157,24 @@ def test_a_model_without_prunable_layers_raises():
     model = keras.Sequential([keras.Input((4,)), keras.layers.ReLU()], name="relu_only")
     with pytest.raises(ValueError, match="'relu_only'"):
         tfprune.sparsity_report(model)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet", "mobilenet", "inception", "nested"])
+def test_the_report_of_the_pruned_model_gives_the_flops_of_the_shrunk_model(name):
+    import surgery_zoo as zoo
+
+    keras.utils.set_random_seed(0)
+    model = zoo.ZOO[name]()
+    zoo.randomize(model)
+    pruned = tfprune.prune(model, methods.Magnitude(0.5, structure=S.Filter()))
+    x = np.random.default_rng(0).random((4, *model.inputs[0].shape[1:]), "float32")
+    pruned.compile("sgd", "mse")
+    pruned.fit(x, np.zeros((4, *model.outputs[0].shape[1:])), verbose=0,
+               callbacks=[tfprune.callbacks.Pruning()])
+    small = tfprune.shrink(tfprune.strip(pruned))
+    masked = tfprune.sparsity_report(pruned)
+    shrunk = tfprune.sparsity_report(small)
+    assert masked.total["flops_shrunk"] == shrunk.total["flops"]
+    assert masked.total["flops_shrunk"] < masked.total["flops_kept"]
+    assert shrunk.total["flops_shrunk"] == shrunk.total["flops"]
+    assert "if shrunk" in str(masked)

@@ -24,6 +24,7 @@ class Report:
             ``params`` (kernel and bias weights), ``nonzero``, ``sparsity``,
             ``units``, ``units_kept``, ``flops`` (2 x multiply-adds of one
             sample, dense), ``flops_kept`` (counting only nonzero weights),
+            ``flops_shrunk`` (after `tfprune.shrink`, see below),
             and the regularity of the zeros: ``zeros_in_units`` (fraction of
             the layer's zero kernel weights that lie in wholly removed units) and
             ``zeros_in_blocks`` (fraction lying in all-zero ``4x1`` blocks of
@@ -38,7 +39,11 @@ class Report:
     ``flops_kept`` counts the nonzero weights of each layer; on a masked
     (not yet shrunk) model it does not subtract the inputs coming from a
     previous layer's removed units, so it understates what `tfprune.shrink`
-    saves: the report of the shrunk model gives the real FLOPs.
+    saves. ``flops_shrunk`` is what the layer costs once `tfprune.shrink`
+    removed every unit whose kernel slice and bias are zero (in every layer
+    writing the channel, where the dependency graph can remove it) and the
+    inputs that read them: the FLOPs of the shrunk model, from the masks
+    (None for a single layer, a subclassed model, or unknown spatial sizes).
 
     ``str(report)`` shows, besides the counts, the regularity columns
     "0s in units" and "0s in 4x1" (``zeros_in_units``, ``zeros_in_blocks``).
@@ -60,7 +65,7 @@ class Report:
 
     def __str__(self):
         header = ["layer", "type", "params", "nonzero", "sparsity", "units", "FLOPs",
-                  "FLOPs kept", "0s in units", "0s in 4x1"]
+                  "FLOPs kept", "if shrunk", "0s in units", "0s in 4x1"]
         lines = []
         for r in self.rows + [self.total]:
             zeros = r["params"] != r["nonzero"]
@@ -68,6 +73,7 @@ class Report:
                 str(r["layer"]), str(r["type"]), f"{r['params']:,}", f"{r['nonzero']:,}",
                 f"{r['sparsity']:.1%}", f"{r['units_kept']}/{r['units']}",
                 _human(r["flops"]), f"{_human(r['flops_kept'])} ({_ratio(r)})",
+                _human(r.get("flops_shrunk")),
                 f"{r['zeros_in_units']:.0%}" if zeros else "-",
                 f"{r['zeros_in_blocks']:.0%}" if zeros else "-",
             ])
@@ -171,6 +177,9 @@ def _layer_row(layer):
         "zeros_in_units": zeros_units / zeros if zeros else 0.0,
         "zeros_in_blocks": zeros_blocks / zeros if zeros else 0.0,
         "nonfinite": nonfinite, "_zeros": zeros,
+        # A unit shrink removes: all its kernel weights and its bias are zero.
+        "_dead": ~unit_alive & ((b.reshape(-1) == 0) if bias is not None and b.size == units
+                                else True),
     }
 
 
@@ -209,14 +218,54 @@ def sparsity_report(model):
     zeros = sum(r["_zeros"] for r in rows)
     for key in ("zeros_in_units", "zeros_in_blocks"):
         total[key] = sum(r[key] * r["_zeros"] for r in rows) / zeros if zeros else 0.0
+    _add_shrunk_flops(model, rows)
+    vals = [r["flops_shrunk"] for r in rows]
+    total["flops_shrunk"] = None if any(v is None for v in vals) else sum(vals)
     for r in rows:
-        del r["_zeros"]
+        del r["_zeros"], r["_dead"]
     if total["nonfinite"]:
         bad = ", ".join(f"'{r['layer']}' ({r['nonfinite']})" for r in rows if r["nonfinite"])
         warnings.warn(f"sparsity_report: non-finite (NaN/Inf) weights in {bad}; they are "
                       "counted as nonzero (never as pruned zeros). Training diverged or "
                       "the data held NaN/Inf.", RuntimeWarning, stacklevel=2)
     return Report(rows=rows, total=total)
+
+
+def _add_shrunk_flops(model, rows):
+    """Sets each row's ``flops_shrunk``: its FLOPs once `tfprune.shrink` removed the dead units.
+
+    A channel goes when every layer writing it has a dead unit there (zero
+    kernel slice and bias) and the dependency graph can remove it
+    (`tfprune.budgets.CostModel`); the layers reading it lose the matching
+    inputs. None where the graph or the spatial sizes are unknown.
+    """
+    for r in rows:
+        r["flops_shrunk"] = None
+    if not isinstance(model, keras.Model):
+        return
+    from tfprune.budgets import CostModel
+
+    try:
+        cm = CostModel(model, "flops")
+    except (TypeError, ValueError):  # subclassed model, unknown spatial size
+        return
+    dead = {r["layer"]: r["_dead"] for r in rows}
+    for gi, g in enumerate(cm.graph.groups):
+        if g.blocked_reason is not None:
+            continue
+        gone = np.ones(g.size, bool)
+        for layer, idx in g.producers:
+            unit_dead = dead.get(layer.name)
+            if unit_dead is None:
+                gone[:] = False
+                break
+            gone &= np.asarray(unit_dead)[np.asarray(idx)]
+        for c in np.flatnonzero(gone):
+            cm.remove(gi, int(c))
+    for r in rows:
+        rec = cm.layers.get(r["layer"])
+        if rec is not None and r["flops"] is not None:
+            r["flops_shrunk"] = int(round(rec.cost()))
 
 
 def layer_sparsity(layer):
