@@ -227,6 +227,7 @@ def run_model(name, latency=True, runs=None, log=print):
         pruned, plain = prune_fit_strip(dense)
         masked = tfprune.sparsity_report(pruned).total
         row["flops_masked"] = masked["flops_kept"]
+        row["flops_predicted"] = masked.get("flops_shrunk")
         row["units_masked"] = masked["units"] - masked["units_kept"]
         row["params_stripped"] = int(plain.count_params())
         row["nonzero_stripped"] = int(tfprune.sparsity_report(plain).total["nonzero"])
@@ -357,8 +358,9 @@ def render_markdown(data):
         "`tfprune.callbacks.Pruning`, `tfprune.strip`, `tfprune.shrink`; random weights "
         "(`weights=None`), 32x32x3 inputs, 10 classes\n",
         "- FLOPs: `tfprune.sparsity_report` (Dense and convolution layers, one sample); "
-        "masked = `flops_kept` of the pruned model (what the masks promise), shrunk = "
-        "FLOPs of the shrunk model (what it computes)\n",
+        "masked = `flops_kept` of the pruned model (its nonzero weights), predicted = "
+        "`flops_shrunk` of the pruned model's report (what shrink will give, from the masks), "
+        "shrunk = FLOPs of the shrunk model (what it computes)\n",
         "- dead = units of the shrunk model whose kernel slice is all zero; stops = places "
         "where the dependency graph stops (below)\n",
         "- error = max |shrunk - stripped| / max |stripped| on a random batch (exact: <= 1e-5)\n",
@@ -367,15 +369,15 @@ def render_markdown(data):
         "speed-up is as large as the FLOPs reduction)\n\n",
     ]
     header = ["model", "params dense", "params shrunk", "FLOPs dense", "masked FLOPs",
-              "shrunk FLOPs", "dead", "stops", "error", "LiteRT dense ms", "LiteRT shrunk ms",
-              "speed-up", "efficiency"]
+              "predicted FLOPs", "shrunk FLOPs", "dead", "stops", "error", "LiteRT dense ms",
+              "LiteRT shrunk ms", "speed-up", "efficiency"]
     table = []
     for r in rows:
         title = TITLES.get(r["model"], r["model"])
         if "params_shrunk" not in r:
             e = r.get("error", {})
             table.append([title, f"{r['params_dense']:,}" if "params_dense" in r else "-"]
-                         + ["-"] * 4 + ["-", "-", f"**{e.get('type', '?')}** at "
+                         + ["-"] * 5 + ["-", "-", f"**{e.get('type', '?')}** at "
                                         f"{e.get('stage', '?')}"] + ["-"] * 4)
             continue
         ratio = r["flops_dense"] / max(r["flops_shrunk"], 1) if r["flops_dense"] else None
@@ -387,6 +389,8 @@ def render_markdown(data):
             title, f"{r['params_dense']:,}", f"{r['params_shrunk']:,}",
             _human(r["flops_dense"]),
             f"{_human(r['flops_masked'])} ({_pct(r['flops_masked'], r['flops_dense'])})",
+            (f"{_human(r['flops_predicted'])} ({_pct(r['flops_predicted'], r['flops_dense'])})"
+             if r.get("flops_predicted") is not None else "-"),
             f"{_human(r['flops_shrunk'])} ({_pct(r['flops_shrunk'], r['flops_dense'])})",
             f"{r['dead_units']:,}", len(r["stops"]), err,
             f"{lat['dense'] / 1e3:.2f}" if lat else "-",

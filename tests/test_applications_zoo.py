@@ -105,6 +105,8 @@ def test_zoo_filter_pruning_shrinks_exactly_and_names_every_stop(name):
     if not info.kept:
         # nothing dead stays: the shrunk model computes at most what the masks promise
         assert shrunk["flops"] <= masked["flops_kept"]
+    # the report of the pruned model predicts the shrunk model's FLOPs exactly
+    assert masked["flops_shrunk"] == shrunk["flops"]
     # every stop names a layer of the model and a reason
     names = {layer.name for layer in plain._flatten_layers(include_self=False)}
     for layer, reason in info.stops:
@@ -134,6 +136,7 @@ def test_benchmark_records_a_failing_model_goes_on_and_renders_again(tmp_path, m
     assert "error" not in row and row["exact"]
     assert row["params_shrunk"] < row["params_stripped"] == row["params_dense"]
     assert row["flops_shrunk"] < row["flops_masked"] < row["flops_dense"]
+    assert row["flops_predicted"] == row["flops_shrunk"]
     assert data["command"].endswith("python -m benchmarks.architectures " + " ".join(args))
     for key in ("tensorflow", "keras", "ai-edge-litert", "tfprune", "cpu", "platform"):
         assert data["machine"][key], key
