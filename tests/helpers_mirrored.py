@@ -60,9 +60,7 @@ def main(structure_name):
     # (BatchNormalization's moving statistics are not: Keras leaves them per replica.)
     mismatch = 0.0
     for w in tfprune.wrapper.find_wrappers(pruned):
-        state = list(getattr(w.method, "_masks", {}).values()) + [
-            getattr(w.method, name) for name in ("_mask", "_bias_mask")
-            if getattr(w.method, name, None) is not None]
+        state = [var for name, var in w.state.items() if name.endswith("mask")]
         for v in w.trainable_variables + [w.step] + state:
             vals = [np.asarray(t) for t in strategy.experimental_local_results(v.value)]
             assert len(vals) == 2, vals

@@ -60,7 +60,7 @@ def test_exactly_k_of_n_in_training_and_inference(layer, structure, k, n):
     method = wrapper.method
     for training in (True, False, True):
         masks = method.group_masks(wrapper, training)
-        for entry in method._entries:
+        for entry in method.entries(wrapper):
             _check_runs(entry, masks[entry.name])
     # The effective kernels are zero exactly where the inference mask is.
     final = method.final_masks(wrapper)
@@ -77,7 +77,7 @@ def test_gradients_reach_the_logits(structure):
     with tf.GradientTape() as tape:
         y = wrapper(x, training=True)
         loss = tf.reduce_sum(tf.square(y - 1.0))
-    logits = [e.logits for e in wrapper.method._entries]
+    logits = [wrapper.state[e.logits_name] for e in wrapper.method.entries(wrapper)]
     for grad in tape.gradient(loss, logits):
         grad = np.asarray(grad)
         assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
@@ -143,10 +143,10 @@ def _reference_masks_and_entropy(method, wrapper, tau):
     """The first releases' layout: runs transposed to ``[R, B, n]`` (n last), the top_k
     closed form for every n, autodiff of ``log_softmax`` for the entropy."""
     masks, entropy = {}, 0.0
-    for i, e in enumerate(method._entries):
+    for i, e in enumerate(method.entries(wrapper)):
         (a, b), runs = e.grid, e.runs
-        x = tf.pad(tf.convert_to_tensor(e.logits), [(0, runs * e.n - a), (0, 0)],
-                   constant_values=-1e9)
+        logits = tf.convert_to_tensor(wrapper.state[e.logits_name])
+        x = tf.pad(logits, [(0, runs * e.n - a), (0, 0)], constant_values=-1e9)
         x = tf.transpose(tf.reshape(x, (runs, e.n, b)), (0, 2, 1))
         logp = tf.nn.log_softmax(x, axis=-1)
         entropy -= tf.reduce_sum(tf.exp(logp) * logp)
@@ -179,12 +179,13 @@ def test_training_masks_and_gradients_equal_the_reference_layout(monkeypatch, un
     wrapper._callback_attached = True
     method = wrapper.method
     rng = np.random.default_rng(0)
-    for e in method._entries:
+    entries = method.entries(wrapper)
+    for e in entries:
         if method.init_scale:
-            e.logits.assign(rng.normal(size=e.grid).astype("float32"))
-    logits = [e.logits for e in method._entries]
+            wrapper.state[e.logits_name].assign(rng.normal(size=e.grid).astype("float32"))
+    logits = [wrapper.state[e.logits_name] for e in entries]
     weights = {e.name: tf.constant(rng.normal(size=e.grid).astype("float32"))
-               for e in method._entries}
+               for e in entries}
     tau = method.temperature_tensor(wrapper)
 
     def loss_and_grads(fn):
@@ -195,12 +196,12 @@ def test_training_masks_and_gradients_equal_the_reference_layout(monkeypatch, un
         return ({n: m.numpy() for n, m in masks.items()}, float(entropy),
                 [g.numpy() for g in grads])
 
-    new = loss_and_grads(lambda: (method.group_masks(wrapper, True), method.entropy()))
+    new = loss_and_grads(lambda: (method.group_masks(wrapper, True), method.entropy(wrapper)))
     monkeypatch.setattr(dpp_sampler, "_PAIRWISE_MAX_N", 0)
     ref = loss_and_grads(lambda: _reference_masks_and_entropy(method, wrapper, tau))
     for name in new[0]:
         np.testing.assert_array_equal(new[0][name], ref[0][name])
-        _check_runs(next(e for e in method._entries if e.name == name), new[0][name])
+        _check_runs(next(e for e in entries if e.name == name), new[0][name])
     np.testing.assert_allclose(new[1], ref[1], rtol=1e-5)
     for a, b in zip(new[2], ref[2]):
         assert np.abs(b).max() > 0
@@ -242,7 +243,7 @@ def _fit(model, method, epochs=2, seed=0, extra=(), **fit_kw):
 def test_anneal_steps_resolved_from_fit_and_temperature_logged():
     pruned, _ = _fit(_mlp(), DPP(2, 4, temperature=(3.0, 1.0)), epochs=2)  # 2 epochs x 4 steps
     w = pruned.get_layer("dense")
-    assert int(w.method._anneal_var.numpy()) == 8 and int(w.step.numpy()) == 8
+    assert int(w.state["anneal_steps"].numpy()) == 8 and int(w.step.numpy()) == 8
     np.testing.assert_allclose(w.method.logs(w)["temperature"], 1.0, rtol=1e-6)
     pruned2, _ = _fit(_mlp(), DPP(2, 4, temperature=(3.0, 1.0), anneal_steps=15), epochs=1)
     w2 = pruned2.get_layer("dense")  # 4 steps taken: the last one used step index 3
@@ -285,8 +286,11 @@ def test_keras_round_trip_restores_logits_temperature_and_outputs(tmp_path):
     for name in ("dense", "dense_1", "dense_2"):
         a, b = pruned.get_layer(name), loaded.get_layer(name)
         assert b.method.get_config() == a.method.get_config()
-        for ea, eb in zip(a.method._entries, b.method._entries):
-            np.testing.assert_array_equal(ea.logits.numpy(), eb.logits.numpy())
+        assert b.state.names() == a.state.names()
+        for ea, eb in zip(a.method.entries(a), b.method.entries(b)):
+            assert ea == eb
+            np.testing.assert_array_equal(a.state[ea.logits_name].numpy(),
+                                          b.state[eb.logits_name].numpy())
         assert b.method.current_temperature(b) == a.method.current_temperature(a)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), pruned.predict(x, verbose=0))
     # Training resumes from the saved step.
@@ -385,12 +389,12 @@ def test_mask_metrics_on_constructed_logits():
     w = tfprune.PruneWrapper(keras.layers.Dense(2, name="dense"),
                              DPP(1, 2, init_scale=0.0))
     w(np.zeros((1, 4), "float32"))
-    entry = w.method._entries[0]
+    logits = w.state["kernel_logits"]
     # Uniform logits: confidence 0; all runs keep position 0 (ties -> first): diversity 0.
     assert mask_metrics(w) == {"dense": {"confidence": 0.0, "diversity": 0.0}}
     # Runs [log 3, 0] -> p = (3/4, 1/4): confidence 1 - H(p)/log 2; two runs keep each
     # position -> q uniform -> diversity 1.
-    entry.logits.assign(np.log([[3.0, 1.0], [1.0, 3.0], [1.0, 3.0], [3.0, 1.0]], dtype="float32"))
+    logits.assign(np.log([[3.0, 1.0], [1.0, 3.0], [1.0, 3.0], [3.0, 1.0]], dtype="float32"))
     h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     got = w.method.metrics(w)
     assert got["confidence"] == pytest.approx(1 - h / math.log(2), abs=1e-6)
@@ -398,8 +402,8 @@ def test_mask_metrics_on_constructed_logits():
     # k = 2 of 4 with the mass on two groups: confidence 1.
     w2 = tfprune.PruneWrapper(keras.layers.Dense(3), DPP(2, 4, init_scale=0.0))
     w2(np.zeros((1, 4), "float32"))
-    w2.method._entries[0].logits.assign(np.array([[50, 50, 50], [50, 0, 0], [0, 50, 50],
-                                                  [0, 0, 0]], "float32"))
+    w2.state["kernel_logits"].assign(np.array([[50, 50, 50], [50, 0, 0], [0, 50, 50],
+                                               [0, 0, 0]], "float32"))
     got = w2.method.metrics(w2)
     assert got["confidence"] == pytest.approx(1.0)
     # Kept positions: {0,1}, {0,2}, {0,2} -> q = (1/2, 1/6, 1/3, 0).
@@ -470,11 +474,11 @@ _MIRRORED = """
                                   keras.layers.Dense(3)])
         pruned = tfprune.prune(model, DPP(2, 4, quantize=8))
         pruned.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    before = pruned.get_layer("dense").method._entries[0].logits.numpy().copy()
+    before = pruned.get_layer("dense").state["kernel_logits"].numpy().copy()
     pruned.fit(x, y, epochs=1, batch_size=16, verbose=0,
                callbacks=[tfprune.callbacks.Pruning()])
     w = pruned.get_layer("dense")
-    after = w.method._entries[0].logits.numpy()
+    after = w.state["kernel_logits"].numpy()
     assert int(w.step.numpy()) == 4, w.step.numpy()
     assert not np.array_equal(before, after)
     kernel = tfprune.strip(pruned).get_layer("dense").kernel.numpy()

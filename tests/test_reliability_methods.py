@@ -135,7 +135,7 @@ def test_resume_with_the_anneal_resolved_by_the_interrupted_fit(tmp_path):
     first.save(path)
     resumed = keras.models.load_model(path)
     _fit(resumed, N_EPOCHS, initial_epoch=STOP_AFTER)
-    assert int(resumed.get_layer("conv").method._anneal_var.numpy()) == N_EPOCHS * 4
+    assert int(resumed.get_layer("conv").state["anneal_steps"].numpy()) == N_EPOCHS * 4
     _assert_same_state(_state(resumed), _state(straight))
 
 
@@ -164,7 +164,7 @@ def test_seeds_are_repeatable_under_set_random_seed_and_distinct_per_layer(make)
                                   keras.layers.Dense(8, name="b"),
                                   keras.layers.Dense(3, name="c")])
         pruned = tfprune.prune(model, make(seed))
-        return [tuple(w.pruning_state["noise_seed"].numpy()) for w in find_wrappers(pruned)]
+        return [tuple(w.state["noise_seed"].numpy()) for w in find_wrappers(pruned)]
 
     first = seeds(1)
     assert len(first) >= 2 and len(set(first)) == len(first)  # distinct per layer
@@ -205,7 +205,7 @@ def test_every_method_trains_under_mixed_float16(mixed_float16, name):
     pruned = tfprune.prune(_model(), MIXED[name]())
     pruned.compile(keras.optimizers.Adam(0.01),
                    keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    sigma_before = {w.name: w.method._sigma_raw.numpy().copy() for w in find_wrappers(pruned)
+    sigma_before = {w.name: w.state["kernel_sigma"].numpy().copy() for w in find_wrappers(pruned)
                     if isinstance(w.method, methods.TurboVBI)}
     hist = pruned.fit(x, y, epochs=2, batch_size=BATCH, verbose=0,
                       callbacks=[tfprune.callbacks.Pruning()])
@@ -215,7 +215,7 @@ def test_every_method_trains_under_mixed_float16(mixed_float16, name):
     assert conv.compute_dtype == "float16"
     # State stays in the variable dtype; training outputs and losses are well typed.
     for w in wrappers.values():
-        for var in w.pruning_state.values():
+        for _, var in w.state.items():
             assert var.dtype in ("float32", "int64"), (w.name, var.path, var.dtype)
     out = _training_call(pruned, x[:4])
     assert out.dtype == "float16"
@@ -236,8 +236,8 @@ def test_every_method_trains_under_mixed_float16(mixed_float16, name):
         assert (per_run == 2).all(), per_run
     else:
         assert set(np.unique(canon)) <= {0.0, 1.0}
-        assert int(conv.method._turbo_count.numpy()) >= 1
-        assert not np.array_equal(conv.method._sigma_raw.numpy(), sigma_before["conv"])
+        assert int(conv.state["kernel_turbo_iterations"].numpy()) >= 1
+        assert not np.array_equal(conv.state["kernel_sigma"].numpy(), sigma_before["conv"])
         assert np.isfinite(float(conv.method.kl_divergence(conv)))
 
 

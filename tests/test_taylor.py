@@ -67,10 +67,11 @@ def test_one_step_score_equals_a_gradient_tape_reference(criterion, jit):
     ref = gate if criterion == "gate" else weight
     w = _fit(pruned, x, y, lr=0.0, jit=jit)  # one step, weights unchanged
     for name in ("conv", "fc"):
-        m = w[name].method
-        assert m._acc.dtype == "float32"
-        assert float(m._count.numpy()) == 1.0
-        np.testing.assert_allclose(m._acc.numpy(), ref[name], rtol=1e-4, atol=1e-12)
+        m, state = w[name].method, w[name].state
+        assert state["taylor_sum"].dtype == "float32"
+        assert float(state["taylor_count"].numpy()) == 1.0
+        np.testing.assert_allclose(state["taylor_sum"].numpy(), ref[name], rtol=1e-4,
+                                   atol=1e-12)
         assert ref[name].min() > 0  # a real, nonzero score
         # unit_scores: the mean since the last update (one batch), positive for kept units
         np.testing.assert_allclose(m.unit_scores(w[name]), ref[name], rtol=1e-4, atol=1e-12)
@@ -98,7 +99,7 @@ def test_pruned_units_are_the_lowest_scoring_and_the_mean_is_per_batch():
                callbacks=[cb])
     # three batches scored, nothing pruned yet (the one pruning step is at step 3)
     fc = pruned.get_layer("fc")
-    assert float(method._count.numpy()) == 3.0
+    assert float(fc.state["taylor_count"].numpy()) == 3.0
     assert method.unit_mask(fc).sum() == 8
     expected = sum(_reference(pruned, x[i:i + 8], y[i:i + 8])[0]["fc"]
                    for i in range(0, 24, 8)) / 3
@@ -163,11 +164,11 @@ def test_a_pruning_step_before_any_scored_batch_waits_for_one():
                callbacks=[tfprune.callbacks.Pruning()])
     fc = pruned.get_layer("fc")
     assert fc.method.unit_mask(fc).sum() == 8  # step 0: no gradient seen, waits
-    assert float(fc.method._pending.numpy()) == 1.0
+    assert float(fc.state["taylor_pending"].numpy()) == 1.0
     pruned.fit(x[8:], y[8:], batch_size=8, verbose=0,
                callbacks=[tfprune.callbacks.Pruning()])
     assert fc.method.unit_mask(fc).sum() == 4  # step 1: one scored batch
-    assert float(fc.method._pending.numpy()) == 0.0
+    assert float(fc.state["taylor_pending"].numpy()) == 0.0
 
 
 def _residual():
@@ -254,8 +255,8 @@ def test_resume_from_keras_file_mid_training_is_exact(tmp_path):
     part = make()
     part.compile(keras.optimizers.Adam(0.01), LOSS)
     fit(part, 1)  # 6 steps: accumulators hold 2 batches since the step-4 update
-    fc = part.get_layer("fc").method
-    assert float(fc._count.numpy()) == 2.0 and fc._acc.numpy().sum() > 0
+    fc = part.get_layer("fc").state
+    assert float(fc["taylor_count"].numpy()) == 2.0 and fc["taylor_sum"].numpy().sum() > 0
     path = tmp_path / "mid.keras"
     part.save(path)
     loaded = keras.models.load_model(path)
@@ -279,10 +280,10 @@ def test_mixed_float16_accumulates_in_float32_and_prunes(mixed_float16):
     pruned = tfprune.prune(_cnn(), methods.Taylor(0.5, min_steps=3), layers=["conv", "fc"])
     w = _fit(pruned, x, y, lr=0.01, batch=8, optimizer=keras.optimizers.SGD(0.01))
     for name in ("conv", "fc"):
-        m = w[name].method
+        m, state = w[name].method, w[name].state
         assert w[name].compute_dtype == "float16"
-        assert m._acc.dtype == m._score.dtype == "float32"
-        score = m._score.numpy()
+        assert state["taylor_sum"].dtype == state["taylor_score"].dtype == "float32"
+        score = state["taylor_score"].numpy()
         assert np.isfinite(score).all() and (score > 0).any()
         assert m.unit_mask(w[name]).sum() == w[name].handler.num_units(w[name].layer) // 2
 
@@ -312,8 +313,8 @@ def scores(strategy_or_none, crit):
     # one step of a global batch of 32: one score per layer
     pruned.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False,
                callbacks=[tfprune.callbacks.Pruning()])
-    out = {w.name: np.asarray(w.method._acc.numpy()) for w in find_wrappers(pruned)}
-    count = {w.name: float(w.method._count.numpy()) for w in find_wrappers(pruned)}
+    out = {w.name: np.asarray(w.state["taylor_sum"].numpy()) for w in find_wrappers(pruned)}
+    count = {w.name: float(w.state["taylor_count"].numpy()) for w in find_wrappers(pruned)}
     return pruned, out, count
 
 for crit in ("gate", "weight"):
@@ -327,7 +328,8 @@ for crit in ("gate", "weight"):
                callbacks=[tfprune.callbacks.Pruning()])
     for w in find_wrappers(pruned):
         assert w.method.unit_mask(w).sum() == w.handler.num_units(w.layer) // 2, w.name
-        for v in list(w.method._masks.values()) + [w.method._acc, w.method._score]:
+        for v in [w.state[n] for n in ("kernel_mask", "bias_mask", "taylor_sum",
+                                       "taylor_score")]:
             vals = [np.asarray(t) for t in strategy.experimental_local_results(v.value)]
             assert len(vals) == 2 and np.array_equal(vals[0], vals[1]), v.path
 print("MIRRORED_OK", strategy.num_replicas_in_sync)

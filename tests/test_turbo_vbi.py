@@ -117,13 +117,14 @@ def test_kl_matches_numpy():
     pruned = tfprune.prune(model, methods.TurboVBI(num_train_examples=10))
     w = find_wrappers(pruned)[0]
     rng = np.random.default_rng(0)
-    w.method._sigma_raw.assign(rng.normal(-3, 0.5, w.method._sigma_raw.shape).astype("float32"))
-    w.method._precision.assign(rng.uniform(0.5, 50, w.method._precision.shape).astype("float32"))
-    mask = (rng.uniform(size=w.method._mask.shape) > 0.3).astype("float32")
-    w.method._mask.assign(mask)
+    sigma_raw, precision = w.state["kernel_sigma"], w.state["kernel_prior_precision"]
+    sigma_raw.assign(rng.normal(-3, 0.5, sigma_raw.shape).astype("float32"))
+    precision.assign(rng.uniform(0.5, 50, precision.shape).astype("float32"))
+    mask = (rng.uniform(size=w.state["kernel_mask"].shape) > 0.3).astype("float32")
+    w.state["kernel_mask"].assign(mask)
     mu = keras.ops.convert_to_numpy(w.layer.kernel).astype(np.float64)
-    sigma = np.log1p(np.exp(keras.ops.convert_to_numpy(w.method._sigma_raw).astype(np.float64)))
-    prec = keras.ops.convert_to_numpy(w.method._precision).astype(np.float64)
+    sigma = np.log1p(np.exp(keras.ops.convert_to_numpy(sigma_raw).astype(np.float64)))
+    prec = keras.ops.convert_to_numpy(precision).astype(np.float64)
     kl = 0.5 * (prec * (mu ** 2 + sigma ** 2) - 1 - np.log(prec * sigma ** 2))
     want = float((kl * mask).sum())
     got = float(keras.ops.convert_to_numpy(w.method.kl_divergence(w)))
@@ -139,14 +140,16 @@ def test_closed_form_kl_equals_tfp_kl():
     rng = np.random.default_rng(3)
     for w in find_wrappers(pruned):
         m = w.method
-        m._sigma_raw.assign(rng.normal(-4, 2, m._sigma_raw.shape).astype("float32"))
-        m._precision.assign(np.exp(rng.uniform(-3, 8, m._precision.shape)).astype("float32"))
-        m._mask.assign((rng.uniform(size=m._mask.shape) > 0.4).astype("float32"))
+        sigma_raw, precision = w.state["kernel_sigma"], w.state["kernel_prior_precision"]
+        mask = w.state["kernel_mask"]
+        sigma_raw.assign(rng.normal(-4, 2, sigma_raw.shape).astype("float32"))
+        precision.assign(np.exp(rng.uniform(-3, 8, precision.shape)).astype("float32"))
+        mask.assign((rng.uniform(size=mask.shape) > 0.4).astype("float32"))
         mu = keras.ops.convert_to_tensor(w.layer.kernel)
-        sigma = keras.ops.softplus(m._sigma_raw)
+        sigma = keras.ops.softplus(sigma_raw)
         kl = tfd.kl_divergence(tfd.Normal(mu, sigma),
-                               tfd.Normal(keras.ops.zeros_like(mu), keras.ops.rsqrt(m._precision)))
-        want = float(keras.ops.convert_to_numpy(keras.ops.sum(kl * m._mask)))
+                               tfd.Normal(keras.ops.zeros_like(mu), keras.ops.rsqrt(precision)))
+        want = float(keras.ops.convert_to_numpy(keras.ops.sum(kl * mask)))
         for got in (m.kl_divergence(w), m.kl_divergence(w, sigma)):
             np.testing.assert_allclose(float(keras.ops.convert_to_numpy(got)), want, rtol=1e-5)
 
@@ -173,10 +176,10 @@ def test_fit_then_strip_zeroes_weights_below_threshold(build):
     pruned = _fit(build(), method, x, y)
     plain = tfprune.strip(pruned)
     for w in find_wrappers(pruned):
-        support = keras.ops.convert_to_numpy(w.method._support)
+        support = keras.ops.convert_to_numpy(w.state["kernel_support_posterior"])
         kernel = keras.ops.convert_to_numpy(plain.get_layer(w.name).kernel)
         assert np.all(kernel[support < 0.5] == 0)
-        assert int(keras.ops.convert_to_numpy(w.method._turbo_count)) >= 3
+        assert int(keras.ops.convert_to_numpy(w.state["kernel_turbo_iterations"])) >= 3
         dead = w.method.unit_mask(w) == 0
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(
             plain.get_layer(w.name).bias)[dead], 0)
@@ -192,7 +195,8 @@ def test_mask_is_frozen_after_freeze_step_and_logs_are_reported():
                               freeze_step=3)
     pruned = _fit(_mlp(), method, x, y, epochs=1)
     for w in find_wrappers(pruned):
-        assert int(keras.ops.convert_to_numpy(w.method._turbo_count)) == 2  # steps 1, 2
+        # Turbo iterations at steps 1 and 2.
+        assert int(keras.ops.convert_to_numpy(w.state["kernel_turbo_iterations"])) == 2
         logs = w.method.logs(w)
         assert set(logs) >= {"expected_sparsity", "kl", "mean_support_prob"}
         assert 0 <= logs["mean_support_prob"] <= 1
@@ -210,10 +214,11 @@ def test_keras_round_trip_restores_posterior_state(tmp_path):
         for va, vb in zip(a.weights, b.weights):
             np.testing.assert_array_equal(keras.ops.convert_to_numpy(va),
                                           keras.ops.convert_to_numpy(vb))
-        for name in ("_support", "_prior", "_rho_shape", "_rho_rate", "_precision", "_mask",
-                     "_sigma_raw", "_scale"):
-            np.testing.assert_array_equal(keras.ops.convert_to_numpy(getattr(a.method, name)),
-                                          keras.ops.convert_to_numpy(getattr(b.method, name)))
+        assert b.state.names() == a.state.names()
+        for name in ("support_posterior", "support_prior", "rho_shape", "rho_rate",
+                     "prior_precision", "mask", "sigma", "weight_scale"):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(a.state[f"kernel_{name}"]),
+                                          keras.ops.convert_to_numpy(b.state[f"kernel_{name}"]))
     np.testing.assert_allclose(loaded.predict(x, verbose=0), pruned.predict(x, verbose=0),
                                atol=1e-6)
 
@@ -270,7 +275,7 @@ _MIRRORED = """
     hist = pruned.fit(x, y, epochs=1, batch_size=16, verbose=0,
                       callbacks=[tfprune.callbacks.Pruning()])
     w = tfprune.wrapper.find_wrappers(pruned)[0]
-    assert int(w.method._turbo_count.numpy()) >= 1
+    assert int(w.state["kernel_turbo_iterations"].numpy()) >= 1
     assert np.isfinite(hist.history["loss"][-1])
     # Each replica samples its own examples' noise, from the saved seed and step.
     noise = [t.numpy() for t in strategy.experimental_local_results(
@@ -309,13 +314,14 @@ def _filter(**kw):
 
 def _unit_scores_by_hand(w):
     """The documented score, from the saved state: mean_i pi * mask * (mu^2 + sigma^2) / scale."""
-    m = w.method
-    mu = np.asarray(tv.kernel_grid(keras.ops.convert_to_numpy(w.layer.kernel)), np.float64)
-    sigma = np.log1p(np.exp(np.asarray(tv.kernel_grid(
-        keras.ops.convert_to_numpy(m._sigma_raw)), np.float64)))
-    pi = np.asarray(tv.kernel_grid(keras.ops.convert_to_numpy(m._support)), np.float64)
-    keep = np.asarray(tv.kernel_grid(keras.ops.convert_to_numpy(m._weight_mask))) > 0
-    scale = float(keras.ops.convert_to_numpy(m._scale))
+    def grid(value):
+        return np.asarray(tv.kernel_grid(keras.ops.convert_to_numpy(value)), np.float64)
+
+    mu = grid(w.layer.kernel)
+    sigma = np.log1p(np.exp(grid(w.state["kernel_sigma"])))
+    pi = grid(w.state["kernel_support_posterior"])
+    keep = grid(w.state["kernel_weight_mask"]) > 0
+    scale = float(keras.ops.convert_to_numpy(w.state["kernel_weight_scale"]))
     return (pi * keep * (mu ** 2 + sigma ** 2) / scale).mean(axis=0)
 
 
@@ -385,7 +391,7 @@ def test_filter_schedule_removes_units_irreversibly_from_begin_step():
     for before, after in zip(record.masks, record.masks[1:]):
         assert np.all(after <= before)  # a removed unit never comes back
     # Removed units stay masked in the effective kernel.
-    mask = keras.ops.convert_to_numpy(w.method._mask)
+    mask = keras.ops.convert_to_numpy(w.state["kernel_mask"])
     assert np.all(mask[:, record.masks[-1] == 0] == 0)
 
 
@@ -393,15 +399,15 @@ def test_set_unit_mask_imposes_units_and_keeps_removed_weights_out():
     x, y = _data((12,))
     pruned = _fit(_mlp(), _filter(update_every=2), x, y, epochs=1)
     w = find_wrappers(pruned)[0]
-    weights = keras.ops.convert_to_numpy(w.method._weight_mask)
+    weights = keras.ops.convert_to_numpy(w.state["kernel_weight_mask"])
     wanted = np.zeros(16, "float32")
     wanted[[0, 3, 5, 15]] = 1
     w.method.set_unit_mask(w, wanted)
     alive = (weights != 0).any(axis=0)
     np.testing.assert_array_equal(w.method.unit_mask(w), wanted * alive)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(w.method._mask),
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(w.state["kernel_mask"]),
                                   weights * (wanted * alive)[None, :])
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(w.method._bias_mask),
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(w.state["kernel_bias_mask"]),
                                   wanted * alive)
     masks = w.method.final_masks(w)
     np.testing.assert_array_equal(masks["bias"], wanted * alive)

@@ -1,5 +1,8 @@
 """PruneWrapper: a Keras layer test for each supported layer, serialization, errors."""
 
+import tempfile
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -75,7 +78,8 @@ def test_get_config_from_config_round_trips(case):
     assert restored.name == wrapper.name
     assert type(restored.layer) is type(wrapper.layer)
     assert restored.method.get_config() == METHOD.get_config()
-    assert restored.method is not METHOD and wrapper.method is not METHOD
+    # The wrapper keeps the (stateless) method it was given; from_config builds a new one.
+    assert wrapper.method is METHOD and restored.method is not METHOD
     again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(wrapper))
     assert isinstance(again, PruneWrapper) and again.get_config() == config
     out = restored(keras.Input(shape, batch_size=2))
@@ -155,14 +159,73 @@ def test_wrapping_a_wrapper_or_a_non_layer_raises():
         PruneWrapper(keras.layers.Dense(2), 0.5)
 
 
-def test_each_wrapper_gets_its_own_copy_of_the_method():
-    method = methods.Magnitude(0.5)
-    a = PruneWrapper(keras.layers.Dense(2, name="a"), method)
-    b = PruneWrapper(keras.layers.Dense(2, name="b"), method)
-    assert a.method is not b.method and a.method is not method
-    a(np.ones((1, 3), "float32"))
-    b(np.ones((1, 5), "float32"))
-    assert a.method._masks["kernel"].shape == (3, 2) and b.method._masks["kernel"].shape == (5, 2)
+SHARED_METHODS = {
+    "magnitude": lambda: methods.Magnitude(0.5, structure=S.Filter()),
+    "magnitude_schedule": lambda: methods.Magnitude(
+        schedule=schedules.PolynomialDecay(0.0, 0.5, 0, 4, frequency=2)),
+    "dpp": lambda: methods.DPP(1, 2, structure=S.Filter(), anneal_steps=4, quantize=8),
+    "turbo_vbi": lambda: methods.TurboVBI(num_train_examples=16, structure=S.Filter(),
+                                          unit_sparsity=0.5, update_every=1),
+    "taylor": lambda: methods.Taylor(0.5, min_steps=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_METHODS))
+def test_one_method_instance_drives_many_layers_and_holds_no_layer_state(name):
+    """A method is hyperparameters only: two wrappers share one instance, each keeps its own
+    state in ``wrapper.state``, and building and training them leaves the method unchanged."""
+    method = SHARED_METHODS[name]()
+    before, config = dict(vars(method)), method.get_config()
+    keras.utils.set_random_seed(0)
+    a = PruneWrapper(keras.layers.Dense(6, activation="relu", name="a"), method)
+    b = PruneWrapper(keras.layers.Dense(4, activation="relu", name="b"), method)
+    assert a.method is method and b.method is method
+    model = keras.Sequential([keras.Input((3,)), a, b, keras.layers.Dense(2)])
+    compile_sgd(model)
+    x, y = random_data((3,), n=16, classes=2)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+              callbacks=[tfprune.callbacks.Pruning()])
+    assert vars(method).keys() == before.keys()
+    assert all(vars(method)[key] is value for key, value in before.items())
+    assert method.get_config() == config
+    # Each layer has its own state, by name, with its own shapes.
+    assert a.state is not b.state
+    assert a.state.names() == b.state.names() and a.state.names()
+    for key, var in a.state.items():
+        assert var is not b.state[key]
+        assert any(var is w for w in a.weights)
+    assert any(tuple(var.shape) != tuple(b.state[key].shape) for key, var in a.state.items())
+    # The masks are the layers' own.
+    assert method.final_masks(a)["kernel"].shape == (3, 6)
+    assert method.final_masks(b)["kernel"].shape == (6, 4)
+
+
+def test_layer_state_is_tracked_by_checkpoints():
+    """``tf.train.Checkpoint`` finds the state variables through ``wrapper.state``."""
+    import tensorflow as tf
+
+    def build():
+        w = PruneWrapper(keras.layers.Dense(4, name="d"),
+                         methods.Magnitude(0.5, structure=S.Filter()))
+        w(np.ones((1, 3), "float32"))
+        return w
+
+    src, dst = build(), build()
+    src.state["kernel_mask"].assign(np.tile([[1.0, 0.0, 1.0, 0.0]], (3, 1)).astype("float32"))
+    src.state["bias_mask"].assign(np.array([1.0, 0.0, 1.0, 0.0], "float32"))
+    path = tf.train.Checkpoint(layer=src).write(str(Path(tempfile.mkdtemp()) / "ckpt"))
+    tf.train.Checkpoint(layer=dst).read(path).assert_existing_objects_matched()
+    for key in ("kernel_mask", "bias_mask"):
+        np.testing.assert_array_equal(_np(dst.state[key]), _np(src.state[key]))
+
+
+def test_layer_state_names_are_unique_and_lookups_name_the_known_ones():
+    w = PruneWrapper(keras.layers.Dense(2, name="d"), methods.Magnitude(0.5))
+    w(np.ones((1, 3), "float32"))
+    with pytest.raises(KeyError, match="no state variable 'kernel_logits'.*kernel_mask"):
+        w.state["kernel_logits"]
+    with pytest.raises(ValueError, match="layer 'd' already has a state variable 'kernel_mask'"):
+        w.method.add_state(w, "kernel_mask", (3, 2))
 
 
 def test_find_wrappers_descends_into_nested_models():

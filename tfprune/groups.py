@@ -296,4 +296,4 @@ class UnitGroups:
                         break
                     kept = np.maximum(kept, np.asarray(unit, "float32")[idx])
                 mask[positions] = kept
-            f.method.set_mask(mask)
+            f.method.set_mask(f, mask)

@@ -46,10 +46,12 @@ class _StepGate:
 class PruneWrapper(keras.layers.Wrapper):
     """Wraps a layer so that it computes with pruned (masked or sampled) weights.
 
-    The wrapper is thin: the method (`tfprune.methods`) owns the pruning state,
-    which it creates as variables of the wrapper (saved in `.keras` files and
-    checkpoints), and provides the *effective* kernel the wrapped layer then
-    runs its own ``call`` with. The wrapper takes the inner layer's name, so
+    The wrapper is thin: the method (`tfprune.methods`) is a set of
+    hyperparameters that creates the layer's pruning state in the wrapper's
+    `tfprune.methods.base.LayerState`, ``state`` (variables of the wrapper,
+    saved in `.keras` files and tracked for SavedModel and checkpoints), and
+    provides the *effective* kernel the wrapped layer then runs its own
+    ``call`` with. The wrapper takes the inner layer's name, so
     ``model.get_layer(name)`` works before and after `tfprune.strip`.
 
     Supported layers: Dense, Conv1D/2D/3D, Conv1D/2D/3DTranspose,
@@ -66,7 +68,9 @@ class PruneWrapper(keras.layers.Wrapper):
 
     Args:
         layer: the layer to wrap (built or not).
-        method: a `tfprune.methods.Method`; the wrapper keeps its own copy.
+        method: a `tfprune.methods.Method` (or its name or config); it holds
+            only hyperparameters, so one instance may be shared by many
+            wrappers.
         budget: None, or the model's `tfprune.budgets` object (set by
             `tfprune.prune`): the units are then chosen over the whole model.
         **kwargs: passed to `keras.layers.Wrapper` (``name`` defaults to the
@@ -79,6 +83,15 @@ class PruneWrapper(keras.layers.Wrapper):
         >>> y = layer(keras.ops.ones((2, 4)))
         >>> y.shape
         TensorShape([2, 10])
+        >>> layer.state["kernel_mask"].shape   # the layer's pruning state
+        (4, 10)
+
+    Attributes:
+        method: the `tfprune.methods.Method` (hyperparameters only).
+        state: the layer's `tfprune.methods.base.LayerState`: the method's
+            variables by name (``state["kernel_mask"]``) and per-layer Python
+            values (``state.host``).
+        step: the saved training-step counter (int64 variable).
     """
 
     def __init__(self, layer, method, budget=None, **kwargs):
@@ -88,8 +101,9 @@ class PruneWrapper(keras.layers.Wrapper):
             raise ValueError(f"PruneWrapper: layer '{layer.name}' is already wrapped.")
         kwargs.setdefault("name", layer.name)
         super().__init__(layer, **kwargs)
-        method = methods_base.get(method)
-        self.method = method.clone()
+        self.method = methods_base.get(method)
+        # The layer's pruning state: the method creates it here in `build` (never on itself).
+        self.state = methods_base.LayerState()
         self.handler = _handler_for(layer, self.method)
         self.method.validate(self)
         from tfprune import budgets

@@ -1,15 +1,21 @@
 """The Method interface: what a pruning method must provide.
 
-A method is a small serializable object holding hyperparameters. The wrapper
-gives each layer its own copy (`Method.clone`), and the copy creates the
-layer's state (masks, logits, posterior parameters) as variables of the
-wrapper in `build`, so that `.keras` files and checkpoints restore it.
+A method is a small serializable object holding hyperparameters only (what
+`Method.get_config` returns, and values derived from them alone); it is not
+changed after ``__init__``, so one instance may serve many layers. What it
+creates for one layer (masks, logits, scores, posterior parameters, seeds)
+lives in that layer's `LayerState`, ``wrapper.state``, which the wrapper owns:
+variables by name (``wrapper.state["kernel_mask"]``), created as weights of
+the wrapper in `build` so that `.keras` files restore them, and per-layer
+Python values that are not saved (``wrapper.state.host``). Methods read
+their state only from ``wrapper.state``.
 
 Life cycle, for one `tfprune.PruneWrapper`:
 
-1. `build(wrapper)`: create variables with `Method.add_state` (a variable of
-   the wrapper, also listed in its tracked ``wrapper.pruning_state`` dict so
-   that `tf.saved_model.save` and `tf.train.Checkpoint` find it).
+1. `build(wrapper)`: create variables with `Method.add_state` (a weight of
+   the wrapper, also tracked by name in ``wrapper.state`` so that
+   `tf.saved_model.save` and `tf.train.Checkpoint` find it) and put derived
+   per-layer values in ``wrapper.state.host``.
 2. `initialize(wrapper)`: once, after `tfprune.prune` copied the trained
    weights in (e.g. initialize logits from magnitudes).
 3. `effective_variables(wrapper, training)`: in ``call``, a dict
@@ -42,6 +48,7 @@ import zlib
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from tfprune import structures as structures_lib
@@ -117,6 +124,76 @@ def step_seed(seed, step, *more):
     return out
 
 
+class LayerState(tf.Module):
+    """The pruning state of one wrapped layer, owned by its `PruneWrapper` (``wrapper.state``).
+
+    A `Method` holds hyperparameters only; everything it creates for one
+    layer lives here:
+
+    * **variables**, by name: ``state["kernel_mask"]``. `Method.add_state`
+      and `Method.add_seed` create them as weights of the wrapper (so `.keras`
+      files save them under their names, in creation order) and register them
+      here, where they are tracked, so `tf.saved_model.save` and
+      `tf.train.Checkpoint` find them;
+    * **host values**: ``state.host``, a plain dict of per-layer Python
+      values that are not saved, e.g. metadata derived at build (DPP's runs
+      of each kernel) or host-side caches and flags (Taylor's resolved
+      criterion). They must be derivable again from the layer, the
+      hyperparameters and the variables.
+
+    Example:
+        >>> wrapper = tfprune.PruneWrapper(keras.layers.Dense(4), methods.Magnitude(0.5))
+        >>> _ = wrapper(keras.ops.ones((1, 3)))
+        >>> wrapper.state.names()
+        ['kernel_mask']
+        >>> wrapper.state["kernel_mask"].shape
+        (3, 4)
+    """
+
+    def __init__(self):
+        super().__init__(name="layer_state")
+        self._vars = {}  # tracked (a TF dict wrapper): name -> variable, in creation order
+        # Not tracked, not saved: plain Python values.
+        object.__setattr__(self, "host", {})
+
+    def add(self, name, variable):
+        """Registers ``variable`` under ``name`` (unique within the layer) and returns it."""
+        if name in self._vars:
+            raise ValueError(f"LayerState: a state variable named '{name}' already exists "
+                             f"(existing: {self.names()}); state names must be unique per "
+                             "layer.")
+        self._vars[name] = variable
+        return variable
+
+    def __getitem__(self, name):
+        try:
+            return self._vars[name]
+        except KeyError:
+            raise KeyError(f"LayerState: no state variable '{name}'; this layer has "
+                           f"{self.names()}.") from None
+
+    def __contains__(self, name):
+        return name in self._vars
+
+    def __len__(self):
+        return len(self._vars)
+
+    def get(self, name, default=None):
+        """The variable ``name``, or ``default`` if the layer has none of that name."""
+        return self._vars.get(name, default)
+
+    def names(self):
+        """The variables' names, in creation order."""
+        return list(self._vars)
+
+    def items(self):
+        """``[(name, variable)]``, in creation order."""
+        return list(self._vars.items())
+
+    def __repr__(self):
+        return f"LayerState({self.names()}, host={sorted(self.host)})"
+
+
 class Method:
     """Base class of all pruning methods.
 
@@ -124,28 +201,39 @@ class Method:
     `Method` (or `MaskedMethod`), registers itself with Keras and implements
     at least `build`, `effective_variables` and `final_masks`.
 
+    **Where state lives.** The method object holds hyperparameters only
+    (what `get_config` returns, and values derived from them alone) and is
+    not changed after ``__init__``: the same instance may drive many layers.
+    Everything per layer goes into the wrapper's `LayerState`,
+    ``wrapper.state``: variables created with `add_state` / `add_seed` (read
+    them back as ``wrapper.state[name]``) and Python values that are not
+    saved in ``wrapper.state.host``. Never store per-layer values on
+    ``self`` or as attributes of the wrapper.
+
     Args:
         structure: a `tfprune.structures.Structure`, its name, or None
             (`Unstructured()`).
 
     Example:
         >>> @keras.saving.register_keras_serializable(package="my_methods")
-        ... class Random(MaskedMethod):
-        ...     \"\"\"Removes random groups once, at the first step.\"\"\"
-        ...     def __init__(self, sparsity, structure=None):
+        ... class RandomMask(Method):
+        ...     \"\"\"Keeps each kernel weight with probability ``keep``, drawn at build.\"\"\"
+        ...     def __init__(self, keep, structure=None):
         ...         super().__init__(structure)
-        ...         self.sparsity = sparsity
+        ...         self.keep = keep                  # a hyperparameter: nothing per layer
         ...     def get_config(self):
-        ...         return {**super().get_config(), "sparsity": self.sparsity}
-        ...     def update(self, wrapper, step):
-        ...         if step != 0:
-        ...             return False
-        ...         for spec in self.kernel_specs(wrapper):
-        ...             scores = keras.random.uniform(self.group_scores(wrapper, spec).shape)
-        ...             self.set_group_mask(wrapper, spec, structures.select_groups(
-        ...                 self.structure, scores, self.sparsity))
-        ...         return True
-        >>> pruned = tfprune.prune(model, Random(0.5))
+        ...         return {**super().get_config(), "keep": self.keep}
+        ...     def build(self, wrapper):              # per-layer state: in wrapper.state
+        ...         shape = wrapper.layer.kernel.shape
+        ...         mask = self.add_state(wrapper, "kernel_mask", shape, initializer="ones")
+        ...         mask.assign(ops.cast(keras.random.uniform(shape) < self.keep, mask.dtype))
+        ...     def effective_variables(self, wrapper, training):
+        ...         mask = read_value(wrapper.state["kernel_mask"])
+        ...         return {"kernel": read_value(wrapper.layer.kernel) * mask}
+        ...     def final_masks(self, wrapper):
+        ...         return {"kernel": ops.convert_to_numpy(wrapper.state["kernel_mask"])}
+        >>> pruned = tfprune.prune(model, RandomMask(0.5))
+        >>> pruned.get_layer("dense").state["kernel_mask"]    # the layer's own mask
     """
 
     def __init__(self, structure=None):
@@ -160,7 +248,7 @@ class Method:
         return cls(**config)
 
     def clone(self):
-        """A fresh copy with the same hyperparameters and no state."""
+        """A fresh copy with the same hyperparameters (a method holds no per-layer state)."""
         return type(self).from_config(self.get_config())
 
     def __repr__(self):
@@ -178,11 +266,12 @@ class Method:
                   trainable=False):
         """Creates one variable of the layer's pruning state, owned by ``wrapper``.
 
-        The variable is a weight of the wrapper (saved in `.keras` files and
-        checkpoints, in creation order) and is also listed by name in the
-        wrapper's tracked ``pruning_state`` dict, so `tf.saved_model.save`
-        finds it. Non-trainable state is the first replica's under a
-        distribution strategy (methods update it from the callback).
+        The variable is a weight of the wrapper (saved in `.keras` files
+        under ``name``, in creation order) and is registered by name in the
+        wrapper's `LayerState` (``wrapper.state[name]``), which is tracked, so
+        `tf.saved_model.save` and `tf.train.Checkpoint` find it. Non-trainable
+        state is the first replica's under a distribution strategy (methods
+        update it from the callback).
 
         Args:
             wrapper: the `PruneWrapper` being built.
@@ -194,15 +283,20 @@ class Method:
             trainable: whether the optimizer trains it.
 
         Returns:
-            The variable.
+            The variable (also ``wrapper.state[name]``).
+
+        Raises:
+            ValueError: the layer already has a state variable ``name``.
         """
+        state = wrapper.state
+        if name in state:
+            raise ValueError(f"{type(self).__name__}: layer '{wrapper.name}' already has a state "
+                             f"variable '{name}' (existing: {state.names()}); state names must "
+                             "be unique per layer.")
         var = wrapper.add_weight(
             name=name, shape=tuple(shape), dtype=dtype, initializer=initializer,
             trainable=trainable, aggregation="none" if trainable else "only_first_replica")
-        if getattr(wrapper, "pruning_state", None) is None:
-            wrapper.pruning_state = {}
-        wrapper.pruning_state[name] = var
-        return var
+        return state.add(name, var)
 
     def add_seed(self, wrapper, seed=None, name="noise_seed"):
         """A saved ``[2]`` int64 seed variable of ``wrapper`` (see `layer_seed`, `step_seed`).
@@ -210,7 +304,8 @@ class Method:
         The seed is drawn at build (deterministic under
         `keras.utils.set_random_seed`, distinct per layer) and saved with the
         model, so the per-step draws ``step_seed(seed, wrapper.step, ...)``
-        are the same after reloading a model saved mid-training.
+        are the same after reloading a model saved mid-training. Like every
+        state variable it is ``wrapper.state[name]``.
         """
         value = layer_seed(seed, wrapper.name)
         return self.add_state(wrapper, name, (2,), dtype="int64",
@@ -360,11 +455,15 @@ class Method:
 class MaskedMethod(Method):
     """A method whose state is one 0/1 mask per kernel (plus the bias for units).
 
-    Subclasses override `update` (and the per-epoch hooks) and set the masks
-    with `set_group_mask` (a mask on the structure's group grid, e.g. from
-    `tfprune.structures.select_groups` on `group_scores`) or `set_unit_mask`.
-    The effective kernel is ``kernel * mask``; `Magnitude` is the reference
-    subclass.
+    `build` creates, in ``wrapper.state``, the variable ``"<kernel>_mask"``
+    of every kernel of the layer (``wrapper.state["kernel_mask"]``, with
+    the kernel's shape) and, when the structure removes units and the layer
+    has a bias, ``"bias_mask"``. Subclasses override `update` (and the
+    per-epoch hooks) and set the masks with `set_group_mask` (a mask on the
+    structure's group grid, e.g. from `tfprune.structures.select_groups` on
+    `group_scores`) or `set_unit_mask`; more state of their own goes through
+    `add_state` after ``super().build(wrapper)``. The effective kernel is
+    ``kernel * mask``; `Magnitude` is the reference subclass.
 
     Example:
         >>> class Magnitude(MaskedMethod):           # the essence of methods.Magnitude
@@ -374,27 +473,39 @@ class MaskedMethod(Method):
         ...             self.set_group_mask(wrapper, spec, structures.select_groups(
         ...                 self.structure, scores, 0.5))
         ...         return True
+        >>> pruned = tfprune.prune(model, Magnitude(structure=structures.Filter()))
+        >>> dense = pruned.get_layer("dense")
+        >>> dense.state["kernel_mask"], dense.state["bias_mask"]   # the layer's masks
     """
 
+    @staticmethod
+    def mask_name(name):
+        """The state name of the mask of variable ``name`` (``"kernel"`` -> ``"kernel_mask"``)."""
+        return f"{name}_mask"
+
     def build(self, wrapper):
-        self._masks = {}
         for spec in wrapper.handler.kernels:
             var = getattr(wrapper.layer, spec.name)
-            self._masks[spec.name] = self.add_state(
-                wrapper, f"{spec.name}_mask", var.shape, dtype=var.dtype, initializer="ones")
-        self._bias_mask = None
+            self.add_state(wrapper, self.mask_name(spec.name), var.shape, dtype=var.dtype,
+                           initializer="ones")
         bias = getattr(wrapper.layer, wrapper.handler.bias or "", None)
         if self.structure.removes_units and bias is not None:
-            self._bias_mask = self.add_state(wrapper, "bias_mask", bias.shape, dtype=bias.dtype,
-                                             initializer="ones")
+            self.add_state(wrapper, "bias_mask", bias.shape, dtype=bias.dtype,
+                           initializer="ones")
+
+    def _masks(self, wrapper):
+        """``[(kernel name, mask variable)]`` of the layer's kernels."""
+        return [(spec.name, wrapper.state[self.mask_name(spec.name)])
+                for spec in wrapper.handler.kernels]
 
     def effective_variables(self, wrapper, training):
         out = {}
-        for name, mask in self._masks.items():
+        for name, mask in self._masks(wrapper):
             out[name] = read_value(getattr(wrapper.layer, name)) * read_value(mask)
-        if self._bias_mask is not None:
+        bias_mask = wrapper.state.get("bias_mask")
+        if bias_mask is not None:
             bias = wrapper.handler.bias
-            out[bias] = read_value(getattr(wrapper.layer, bias)) * read_value(self._bias_mask)
+            out[bias] = read_value(getattr(wrapper.layer, bias)) * read_value(bias_mask)
         return out
 
     def kernel_specs(self, wrapper):
@@ -409,7 +520,8 @@ class MaskedMethod(Method):
         Scoring the masked kernel keeps pruned groups pruned (as tfmot, which
         zeroes them in place) when the sparsity rises step by step.
         """
-        kernel = read_value(getattr(wrapper.layer, spec.name)) * read_value(self._masks[spec.name])
+        mask = wrapper.state[self.mask_name(spec.name)]
+        kernel = read_value(getattr(wrapper.layer, spec.name)) * read_value(mask)
         canon = to_canonical(kernel, spec.layout)
         return self.structure.reduce(ops.square(ops.cast(canon, "float32")))
 
@@ -418,9 +530,10 @@ class MaskedMethod(Method):
         var = getattr(wrapper.layer, spec.name)
         cshape = canonical_shape(var.shape, spec.layout)
         mask = from_canonical(self.structure.expand(group_mask, cshape), var.shape, spec.layout)
-        self._masks[spec.name].assign(ops.cast(mask, var.dtype))
-        if self._bias_mask is not None and spec.produces_units:
-            self._bias_mask.assign(ops.cast(ops.reshape(group_mask, (-1,)), self._bias_mask.dtype))
+        wrapper.state[self.mask_name(spec.name)].assign(ops.cast(mask, var.dtype))
+        bias_mask = wrapper.state.get("bias_mask")
+        if bias_mask is not None and spec.produces_units:
+            bias_mask.assign(ops.cast(ops.reshape(group_mask, (-1,)), bias_mask.dtype))
 
     def unit_scores(self, wrapper):
         """L2 norm of each unit's (masked) kernel slice, numpy ``[units]``."""
@@ -436,16 +549,17 @@ class MaskedMethod(Method):
         self.set_group_mask(wrapper, spec, ops.reshape(ops.convert_to_tensor(unit_mask), (-1, 1)))
 
     def final_masks(self, wrapper):
-        out = {name: np.asarray(ops.convert_to_numpy(m)) for name, m in self._masks.items()}
-        if self._bias_mask is not None:
-            out[wrapper.handler.bias] = np.asarray(ops.convert_to_numpy(self._bias_mask))
+        out = {name: np.asarray(ops.convert_to_numpy(m)) for name, m in self._masks(wrapper)}
+        bias_mask = wrapper.state.get("bias_mask")
+        if bias_mask is not None:
+            out[wrapper.handler.bias] = np.asarray(ops.convert_to_numpy(bias_mask))
         return out
 
     def unit_mask(self, wrapper):
         if not self.structure.removes_units:
             return None
         spec = wrapper.handler.unit_spec()
-        mask = ops.convert_to_numpy(self._masks[spec.name])
+        mask = ops.convert_to_numpy(wrapper.state[self.mask_name(spec.name)])
         canon = np.asarray(to_canonical(mask, spec.layout))
         return (np.abs(canon).sum(axis=(0, 1)) > 0).astype("float32")
 

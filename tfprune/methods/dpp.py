@@ -75,9 +75,12 @@ __all__ = ["DPP", "DPPMetricsHistory", "mask_metrics", "plot_masks", "relaxed_to
            "temperature_at"]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Entry:
-    """The DPP state of one kernel of a layer."""
+    """How DPP prunes one kernel of a layer (derived at build; kept in ``wrapper.state.host``).
+
+    The kernel's logits are the state variable ``wrapper.state[entry.logits_name]``.
+    """
 
     name: str
     layout: str
@@ -87,7 +90,11 @@ class _Entry:
     k: int
     n: int
     produces_units: bool
-    logits: object = None
+
+    @property
+    def logits_name(self):
+        """The name of the kernel's logits in the layer's state (``"kernel_logits"``)."""
+        return f"{self.name}_logits"
 
     @property
     def runs(self):
@@ -266,9 +273,8 @@ class DPP(Method):
         self.anneal, self.anneal_steps = anneal, anneal_steps
         self.noise_scale, self.init_scale = float(noise_scale), float(init_scale)
         self.seed = seed
-        self._base = base
-        self._ready = False
-        self._synced = False
+        self._base = base  # derived from the hyperparameters, like `_quant`
+        self._quant = quantization.FakeQuant(quantize) if quantize else None
 
     def get_config(self):
         config = super().get_config()
@@ -325,7 +331,7 @@ class DPP(Method):
 
     # -- life cycle --------------------------------------------------------------
     def build(self, wrapper):
-        self._entries = []
+        entries = []
         for spec in self.kernel_specs(wrapper):
             var = getattr(wrapper.layer, spec.name)
             cshape = canonical_shape(var.shape, spec.layout)
@@ -333,30 +339,38 @@ class DPP(Method):
             k, n = self.resolve(wrapper.layer.name, spec.name, grid[0])
             entry = _Entry(spec.name, spec.layout, tuple(var.shape), cshape, grid, k, n,
                            spec.produces_units)
-            entry.logits = self.add_state(wrapper, f"{spec.name}_logits", grid, trainable=True)
-            self._entries.append(entry)
-        self._anneal_var = self.add_state(
-            wrapper, "anneal_steps", (), dtype="int64",
-            initializer=keras.initializers.Constant(self.anneal_steps or 0))
+            self.add_state(wrapper, entry.logits_name, grid, trainable=True)
+            entries.append(entry)
+        self.add_state(wrapper, "anneal_steps", (), dtype="int64",
+                       initializer=keras.initializers.Constant(self.anneal_steps or 0))
         # The noise of training step t is drawn from (this seed, t): saved with the model,
         # so a model saved mid-training resumes with the same masks.
-        self._seed_var = self.add_seed(wrapper, self.seed)
-        self._quant = quantization.FakeQuant(self.quantize) if self.quantize else None
+        self.add_seed(wrapper, self.seed)
+        # Host values: the runs of each kernel, and whether this fit resolved the anneal
+        # (`ready`) and synced a BatchNormalization follower (`synced`).
+        wrapper.state.host.update(entries=tuple(entries), ready=False, synced=False)
         self.initialize(wrapper)
+
+    def entries(self, wrapper):
+        """The kernels DPP prunes in ``wrapper``: name, layout, group grid, ``k`` and ``n``
+        of their runs (read-only metadata; the logits are
+        ``wrapper.state[entry.logits_name]``)."""
+        return wrapper.state.host["entries"]
 
     def initialize(self, wrapper):
         """Sets the logits from the kernel's group magnitudes (z-scored log energy)."""
-        for e in self._entries:
+        for e in self.entries(wrapper):
             kernel = ops.cast(getattr(wrapper.layer, e.name), "float32")
             energy = self.structure.reduce(ops.square(to_canonical(kernel, e.layout)))
             energy = np.asarray(ops.convert_to_numpy(energy), "float64")
             log_e = np.log(energy + 1e-12 * max(float(energy.mean()), 1e-30))
             std = float(log_e.std())
             z = (log_e - log_e.mean()) / std if std > 1e-12 else np.zeros_like(log_e)
-            e.logits.assign((self.init_scale * z).astype("float32"))
+            wrapper.state[e.logits_name].assign((self.init_scale * z).astype("float32"))
 
     def on_train_begin(self, wrapper, params):
-        steps = int(ops.convert_to_numpy(self._anneal_var))
+        anneal = wrapper.state["anneal_steps"]
+        steps = int(ops.convert_to_numpy(anneal))
         if steps <= 0 and self.temperature[0] != self.temperature[1]:
             epochs, per_epoch = params.get("epochs"), params.get("steps")
             if not epochs or not per_epoch:
@@ -365,16 +379,16 @@ class DPP(Method):
                     f"is unknown (params: epochs={epochs!r}, steps={per_epoch!r}); pass "
                     "DPP(anneal_steps=...) or give fit() `steps_per_epoch`.")
             start = int(ops.convert_to_numpy(wrapper.step))
-            self._anneal_var.assign(start + int(epochs) * int(per_epoch))
-        self._ready = True
-        self._synced = False
+            anneal.assign(start + int(epochs) * int(per_epoch))
+        wrapper.state.host.update(ready=True, synced=False)
 
     def update(self, wrapper, step):
-        if self._synced:
+        host = wrapper.state.host
+        if host["synced"]:
             return False
-        if not self._ready:
+        if not host["ready"]:
             self.on_train_begin(wrapper, {})
-        self._synced = True
+        host["synced"] = True
         return self.structure.removes_units  # sync a BatchNormalization follower once
 
     def on_epoch_end(self, wrapper, epoch):
@@ -384,7 +398,7 @@ class DPP(Method):
     def temperature_tensor(self, wrapper):
         """Temperature of the current training step, in the graph (from ``wrapper.step``)."""
         return temperature_at(ops.maximum(wrapper.step - 1, 0), self.temperature,
-                              self._anneal_var, self.anneal)
+                              wrapper.state["anneal_steps"], self.anneal)
 
     def current_temperature(self, wrapper):
         """Temperature used at the last training step (float)."""
@@ -400,7 +414,7 @@ class DPP(Method):
         """
         import tensorflow as tf
 
-        seed = step_seed(self._seed_var, wrapper.step, index)
+        seed = step_seed(wrapper.state["noise_seed"], wrapper.step, index)
         return tf.random.stateless_uniform(shape, seed, minval=1e-12, maxval=1.0,
                                            dtype="float32")
 
@@ -411,8 +425,8 @@ class DPP(Method):
         """
         out = {}
         tau = self.temperature_tensor(wrapper) if training else None
-        for i, e in enumerate(self._entries):
-            logits = read_value(e.logits, "float32")
+        for i, e in enumerate(self.entries(wrapper)):
+            logits = read_value(wrapper.state[e.logits_name], "float32")
             if training:
                 x = e.to_runs(logits, _NEG)  # [R, n, B]
                 k = min(e.k, e.n)
@@ -426,11 +440,12 @@ class DPP(Method):
                 out[e.name] = structures_lib.k_of_n_mask(logits, e.k, e.n)
         return out
 
-    def entropy(self, wrapper=None):
+    def entropy(self, wrapper):
         """``sum over runs of H(softmax(logits of the run))`` over all kernels (tensor)."""
         total = 0.0
-        for e in self._entries:
-            total = total + entropy_runs(e.to_runs(read_value(e.logits, "float32"), _NEG), 1)
+        for e in self.entries(wrapper):
+            logits = read_value(wrapper.state[e.logits_name], "float32")
+            total = total + entropy_runs(e.to_runs(logits, _NEG), 1)
         return total
 
     def effective_variables(self, wrapper, training):
@@ -459,13 +474,14 @@ class DPP(Method):
 
     def call(self, wrapper, inputs, training, **kwargs):
         if self.entropy_weight > 0:
-            wrapper.add_loss(self.entropy_weight * self.entropy())
+            wrapper.add_loss(self.entropy_weight * self.entropy(wrapper))
         return super().call(wrapper, inputs, training, **kwargs)
 
     def final_masks(self, wrapper):
         out = {}
-        for e in self._entries:
-            grid = structures_lib.k_of_n_mask(ops.convert_to_tensor(e.logits), e.k, e.n)
+        for e in self.entries(wrapper):
+            logits = ops.convert_to_tensor(wrapper.state[e.logits_name])
+            grid = structures_lib.k_of_n_mask(logits, e.k, e.n)
             mask = from_canonical(self.structure.expand(grid, e.canon), e.shape, e.layout)
             out[e.name] = np.asarray(ops.convert_to_numpy(mask), "float32")
             bias = getattr(wrapper.layer, wrapper.handler.bias or "", None)
@@ -491,37 +507,38 @@ class DPP(Method):
     def unit_mask(self, wrapper):
         if not self.structure.removes_units:
             return None
-        e = next(e for e in self._entries if e.produces_units)
-        grid = structures_lib.k_of_n_mask(ops.convert_to_tensor(e.logits), e.k, e.n)
+        e = self._unit_entry(wrapper)
+        grid = structures_lib.k_of_n_mask(ops.convert_to_tensor(wrapper.state[e.logits_name]),
+                                          e.k, e.n)
         return np.asarray(ops.convert_to_numpy(ops.reshape(grid, (-1,))), "float32")
 
     # -- coupled units (`tfprune.groups`) ----------------------------------------
     #: Coupled units share one learned mask: tied logits and the same Gumbel noise.
     coupling = "tie"
 
-    def _unit_entry(self):
-        return next(e for e in self._entries if e.produces_units)
+    def _unit_entry(self, wrapper):
+        return next(e for e in self.entries(wrapper) if e.produces_units)
 
     def unit_parameters(self, wrapper):
         """The unit logits variable (``[units, 1]``; `Filter` structures only)."""
         if not self.structure.removes_units:
             return super().unit_parameters(wrapper)
-        return self._unit_entry().logits
+        return wrapper.state[self._unit_entry(wrapper).logits_name]
 
     def tie_key(self, wrapper):
         """``(k, n)`` of the unit runs: layers share a mask only if they keep alike."""
-        e = self._unit_entry()
+        e = self._unit_entry(wrapper)
         return (e.k, e.n)
 
     def share_noise(self, wrapper, other):
         """Copies ``other``'s saved noise seed: both layers then draw the same noise."""
-        self._seed_var.assign(other.method._seed_var)
+        wrapper.state["noise_seed"].assign(other.state["noise_seed"])
 
     # -- metrics -----------------------------------------------------------------
     def metrics(self, wrapper):
         """``{"confidence": float, "diversity": float}`` of this layer (see `mask_metrics`)."""
-        return layer_metrics([(ops.convert_to_numpy(e.logits), e.k, e.n)
-                              for e in self._entries])
+        return layer_metrics([(ops.convert_to_numpy(wrapper.state[e.logits_name]), e.k, e.n)
+                              for e in self.entries(wrapper)])
 
     def logs(self, wrapper):
         out = {"temperature": self.current_temperature(wrapper)}

@@ -66,7 +66,7 @@ class Follow(Method):
                 layer.moving_mean.shape[0])
         else:  # depthwise: kernel [*taps, channels, depth_multiplier]
             channels = int(layer.kernel.shape[-2])
-        self._mask = self.add_state(wrapper, "channel_mask", (channels,), initializer="ones")
+        self.add_state(wrapper, "channel_mask", (channels,), initializer="ones")
 
     def _per_variable(self, wrapper, mask, xp):
         """``{variable name: mask broadcastable to it}`` for the followed layer."""
@@ -81,17 +81,20 @@ class Follow(Method):
 
     def effective_variables(self, wrapper, training):
         out = {}
-        mask = read_value(self._mask)  # in the variable dtype, also under mixed precision
+        # In the variable dtype, also under mixed precision.
+        mask = read_value(wrapper.state["channel_mask"])
         for name, m in self._per_variable(wrapper, mask, ops).items():
             value = read_value(getattr(wrapper.layer, name))
             out[name] = value * ops.cast(m, value.dtype)
         return out
 
-    def set_mask(self, unit_mask):
-        self._mask.assign(ops.cast(ops.reshape(unit_mask, (-1,)), self._mask.dtype))
+    def set_mask(self, wrapper, unit_mask):
+        """Sets the per-channel mask of ``wrapper`` (from its producers' unit masks)."""
+        mask = wrapper.state["channel_mask"]
+        mask.assign(ops.cast(ops.reshape(unit_mask, (-1,)), mask.dtype))
 
     def final_masks(self, wrapper):
-        mask = np.asarray(ops.convert_to_numpy(self._mask))
+        mask = np.asarray(ops.convert_to_numpy(wrapper.state["channel_mask"]))
         out = {}
         for name, m in self._per_variable(wrapper, mask, np).items():
             shape = tuple(getattr(wrapper.layer, name).shape)
@@ -100,6 +103,6 @@ class Follow(Method):
 
     def unit_mask(self, wrapper):
         """The per-channel mask of the followed layer's input channels (numpy)."""
-        return np.asarray(ops.convert_to_numpy(self._mask))
+        return np.asarray(ops.convert_to_numpy(wrapper.state["channel_mask"]))
 
     requires_callback = False

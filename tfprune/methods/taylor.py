@@ -159,22 +159,25 @@ class Taylor(MaskedMethod):
     def build(self, wrapper):
         super().build(wrapper)
         units = wrapper.handler.num_units(wrapper.layer)
-        self._acc = self.add_state(wrapper, "taylor_sum", (units,))
-        self._count = self.add_state(wrapper, "taylor_count", ())
-        self._score = self.add_state(wrapper, "taylor_score", (units,))
+        # `taylor_sum` / `taylor_count`: the scores of the batches since the last pruning step;
+        # `taylor_score`: the score the last pruning step used.
+        self.add_state(wrapper, "taylor_sum", (units,))
+        self.add_state(wrapper, "taylor_count", ())
+        self.add_state(wrapper, "taylor_score", (units,))
         # `taylor_events`: pruning steps that produced a score; `taylor_pending`: 1.0 while a
         # due pruning step waits for its first scored batch.
-        self._events = self.add_state(wrapper, "taylor_events", ())
-        self._pending = self.add_state(wrapper, "taylor_pending", ())
-        self._resolved = None
-        self._pending_py = None
+        self.add_state(wrapper, "taylor_events", ())
+        self.add_state(wrapper, "taylor_pending", ())
+        # Host values: the resolved criterion (None until the first training call or fit) and
+        # a host copy of `taylor_pending` (None until read).
+        wrapper.state.host.update(criterion=None, pending=None)
 
     def resolved_criterion(self, wrapper):
         """The criterion used for ``wrapper``: ``"gate"`` or ``"weight"`` (``"auto"`` resolved)."""
         bn = _output_feeds_batchnorm(wrapper)
         if self.criterion == "auto":
             return "weight" if bn else "gate"
-        if self.criterion == "gate" and bn and self._resolved is None:
+        if self.criterion == "gate" and bn and wrapper.state.host.get("criterion") is None:
             warnings.warn(
                 f"Taylor: layer '{wrapper.name}' feeds BatchNormalization '{bn}', which makes "
                 "the loss invariant to scaling its channels: criterion='gate' scores every "
@@ -182,26 +185,28 @@ class Taylor(MaskedMethod):
         return self.criterion
 
     def on_train_begin(self, wrapper, params):
-        self._resolved = self.resolved_criterion(wrapper)
-        self._pending_py = bool(float(ops.convert_to_numpy(self._pending)) > 0)
+        host = wrapper.state.host
+        host["criterion"] = self.resolved_criterion(wrapper)
+        host["pending"] = bool(float(ops.convert_to_numpy(wrapper.state["taylor_pending"])) > 0)
 
     # -- the in-graph accumulation ---------------------------------------------
     def call(self, wrapper, inputs, training, **kwargs):
         values = self.effective_variables(wrapper, training)
-        if training and self._resolved is None:
-            self._resolved = self.resolved_criterion(wrapper)
+        host = wrapper.state.host
+        if training and host["criterion"] is None:
+            host["criterion"] = self.resolved_criterion(wrapper)
         spec = wrapper.handler.unit_spec()
-        if training and self._resolved == "weight":
-            values[spec.name] = self._tap(values[spec.name], self._weight_scores(spec))
+        if training and host["criterion"] == "weight":
+            values[spec.name] = self._tap(wrapper, values[spec.name], self._weight_scores(spec))
         outputs = wrapper.run_layer(inputs, values, training=training, **kwargs)
-        if training and self._resolved == "gate":
-            outputs = self._tap(outputs, self._gate_scores(wrapper))
+        if training and host["criterion"] == "gate":
+            outputs = self._tap(wrapper, outputs, self._gate_scores(wrapper))
         return outputs
 
     def _gate_scores(self, wrapper):
         import tensorflow as tf
 
-        units = int(self._acc.shape[0])
+        units = int(wrapper.state["taylor_sum"].shape[0])
         channels_first = getattr(wrapper.layer, "data_format", None) == "channels_first"
 
         def partial_sum(y, dy):  # [units]: sum over batch and positions of dL/dy * y
@@ -224,13 +229,15 @@ class Taylor(MaskedMethod):
 
         return partial_sum, finish
 
-    def _tap(self, x, scorer):
-        """Identity on ``x``; its gradient adds ``finish(all_reduce(partial(x, dx)))``."""
+    def _tap(self, wrapper, x, scorer):
+        """Identity on ``x``; its gradient adds ``finish(all_reduce(partial(x, dx)))`` to the
+        layer's accumulator."""
         import tensorflow as tf
 
         partial_sum, finish = scorer
         with no_autocast():
-            acc, count = self._acc.value, self._count.value
+            acc = wrapper.state["taylor_sum"].value
+            count = wrapper.state["taylor_count"].value
 
         @tf.custom_gradient
         def tap(t):
@@ -251,14 +258,15 @@ class Taylor(MaskedMethod):
         return tap(x)
 
     # -- scores and masks ----------------------------------------------------------
-    def _current_scores(self):
+    def _current_scores(self, wrapper):
         """The score a pruning step would use now (numpy float64 ``[units]``), or None."""
-        count = float(ops.convert_to_numpy(self._count))
-        events = float(ops.convert_to_numpy(self._events))
-        previous = np.asarray(ops.convert_to_numpy(self._score), np.float64)
+        state = wrapper.state
+        count = float(ops.convert_to_numpy(state["taylor_count"]))
+        events = float(ops.convert_to_numpy(state["taylor_events"]))
+        previous = np.asarray(ops.convert_to_numpy(state["taylor_score"]), np.float64)
         if count <= 0:
             return previous if events > 0 else None
-        mean = np.asarray(ops.convert_to_numpy(self._acc), np.float64) / count
+        mean = np.asarray(ops.convert_to_numpy(state["taylor_sum"]), np.float64) / count
         if events > 0 and self.momentum > 0:
             return self.momentum * previous + (1.0 - self.momentum) * mean
         return mean
@@ -273,7 +281,7 @@ class Taylor(MaskedMethod):
         (`tfprune.groups`) never prefers a pruned unit over a kept one. Before
         any batch was scored, every kept unit scores that minimum.
         """
-        scores = self._current_scores()
+        scores = self._current_scores(wrapper)
         kept = np.asarray(self.unit_mask(wrapper), np.float64)
         if scores is None:
             scores = np.zeros_like(kept)
@@ -297,37 +305,47 @@ class Taylor(MaskedMethod):
 
     def scored(self, wrapper):
         """True once a batch has been scored (a budget waits for it before choosing units)."""
-        return self._current_scores() is not None
+        return self._current_scores(wrapper) is not None
 
     def on_units_selected(self, wrapper):
         """A budget chose the units from the current scores: they start a new period."""
-        scores = self._current_scores()
+        scores = self._current_scores(wrapper)
         if scores is not None:
-            self._score.assign(scores.astype("float32"))
-            self._events.assign_add(1.0)
-        self._acc.assign(ops.zeros_like(self._acc))
-        self._count.assign(0.0)
+            self._start_period(wrapper, scores)
+        else:
+            self._reset_sums(wrapper)
+
+    @staticmethod
+    def _reset_sums(wrapper):
+        """Empties the accumulator of the batches' scores."""
+        acc = wrapper.state["taylor_sum"]
+        acc.assign(ops.zeros_like(acc))
+        wrapper.state["taylor_count"].assign(0.0)
+
+    def _start_period(self, wrapper, scores):
+        """Stores ``scores`` as the last pruning step's and empties the accumulator."""
+        wrapper.state["taylor_score"].assign(scores.astype("float32"))
+        wrapper.state["taylor_events"].assign_add(1.0)
+        self._reset_sums(wrapper)
 
     def update(self, wrapper, step):
         if getattr(wrapper, "budget", None) is not None:
             return False  # the model's budget chooses the units (tfprune.groups)
         due, sparsity = self._effective_schedule(step)
-        if self._pending_py is None:
-            self._pending_py = bool(float(ops.convert_to_numpy(self._pending)) > 0)
-        if not due and not self._pending_py:
+        host, pending = wrapper.state.host, wrapper.state["taylor_pending"]
+        if host["pending"] is None:
+            host["pending"] = bool(float(ops.convert_to_numpy(pending)) > 0)
+        if not due and not host["pending"]:
             return False
-        scores = self._current_scores()
+        scores = self._current_scores(wrapper)
         if scores is None:  # nothing scored yet: wait for the first scored batch
-            if not self._pending_py and sparsity > 0:
-                self._pending.assign(1.0)
-                self._pending_py = True
+            if not host["pending"] and sparsity > 0:
+                pending.assign(1.0)
+                host["pending"] = True
             return False
-        self._pending.assign(0.0)
-        self._pending_py = False
-        self._score.assign(scores.astype("float32"))
-        self._events.assign_add(1.0)
-        self._acc.assign(ops.zeros_like(self._acc))
-        self._count.assign(0.0)
+        pending.assign(0.0)
+        host["pending"] = False
+        self._start_period(wrapper, scores)
         return self._prune_to(wrapper, scores, sparsity)
 
     def _prune_to(self, wrapper, scores, sparsity):
@@ -347,5 +365,5 @@ class Taylor(MaskedMethod):
         return True
 
     def logs(self, wrapper):
-        return {"taylor_batches": float(ops.convert_to_numpy(self._count))}
+        return {"taylor_batches": float(ops.convert_to_numpy(wrapper.state["taylor_count"]))}
 

@@ -19,6 +19,7 @@ evidence about each support into a structured prior. The "turbo" iteration
 
 from __future__ import annotations
 
+import functools
 import math
 
 import keras
@@ -499,51 +500,60 @@ class TurboVBI(Method):
 
     def build(self, wrapper):
         spec = wrapper.handler.kernels[0]
-        self._spec = spec
         kernel = getattr(wrapper.layer, spec.name)
         shape = tuple(kernel.shape)
-        self._shape = shape
-        n = spec.name
         inv_softplus = math.log(math.expm1(self.sigma_init))
 
-        def state(name, init, shape=shape, dtype=kernel.dtype):
-            return self.add_state(wrapper, f"{n}_{name}", shape, dtype=dtype,
-                                  initializer=keras.initializers.Constant(init))
+        # Every variable is named "<kernel>_<key>" (read back with `_state(wrapper, key)`).
+        def state(key, init, shape=shape, dtype=kernel.dtype, trainable=False):
+            self.add_state(wrapper, f"{spec.name}_{key}", shape, dtype=dtype,
+                           initializer=keras.initializers.Constant(init), trainable=trainable)
 
-        self._sigma_raw = self.add_state(
-            wrapper, f"{n}_sigma", shape, dtype=kernel.dtype,
-            initializer=keras.initializers.Constant(inv_softplus), trainable=True)
-        self._mask = state("mask", 1.0)
-        self._support = state("support_posterior", 0.5)
-        self._prior = state("support_prior", self.start)
-        self._rho_shape = state("rho_shape", self.a + 0.5, (2,) + shape)
-        self._rho_rate = state("rho_rate", self.b, (2,) + shape)
-        self._precision = state("prior_precision", 1.0)
-        self._bias_mask = None
+        state("sigma", inv_softplus, trainable=True)
+        state("mask", 1.0)
+        state("support_posterior", 0.5)
+        state("support_prior", self.start)
+        state("rho_shape", self.a + 0.5, (2,) + shape)
+        state("rho_rate", self.b, (2,) + shape)
+        state("prior_precision", 1.0)
         bias = getattr(wrapper.layer, wrapper.handler.bias or "", None)
         if self.prune_units and bias is not None:
-            self._bias_mask = state("bias_mask", 1.0, tuple(bias.shape), bias.dtype)
-        self._weight_mask = self._units = None
+            state("bias_mask", 1.0, tuple(bias.shape), bias.dtype)
         if self.filter_units:
             # `mask` is the effective mask: `weight_mask` (the posterior's, irreversible)
             # times the columns of the kept units `unit_mask`. A turbo iteration first sets
             # them from this layer's own ranking; a coupled group may then impose another
             # unit mask (`set_unit_mask`), recomputed from `weight_mask`.
-            self._weight_mask = state("weight_mask", 1.0)
+            state("weight_mask", 1.0)
             units = int(canonical_shape(shape, spec.layout)[2])
-            self._units = state("unit_mask", 1.0, (units,))
-        self._turbo_count = state("turbo_iterations", 0, (), "int64")
-        self._scale = state("weight_scale", 0.0, ())
+            state("unit_mask", 1.0, (units,))
+        state("turbo_iterations", 0, (), "int64")
+        state("weight_scale", 0.0, ())
         # The noise of training step t is drawn from (this seed, t, replica): saved with the
         # model, so a model saved mid-training resumes with the same draws.
-        self._seed = self.add_seed(wrapper)
+        self.add_seed(wrapper)
+
+    @staticmethod
+    def _spec(wrapper):
+        """The kernel spec of the (one-kernel) wrapped layer."""
+        return wrapper.handler.kernels[0]
+
+    def _state(self, wrapper, key):
+        """The state variable ``"<kernel>_<key>"`` of ``wrapper`` (e.g. ``"kernel_mask"``), or
+        None for the optional ones (``bias_mask``, ``weight_mask``, ``unit_mask``)."""
+        name = f"{self._spec(wrapper).name}_{key}"
+        if key in ("bias_mask", "weight_mask", "unit_mask"):
+            return wrapper.state.get(name)
+        return wrapper.state[name]
 
     def _values(self, wrapper):
-        name = self._spec.name
-        values = {name: read_value(getattr(wrapper.layer, name)) * read_value(self._mask)}
-        if self._bias_mask is not None:
+        name = self._spec(wrapper).name
+        values = {name: read_value(getattr(wrapper.layer, name))
+                  * read_value(self._state(wrapper, "mask"))}
+        bias_mask = self._state(wrapper, "bias_mask")
+        if bias_mask is not None:
             bias = wrapper.handler.bias
-            values[bias] = read_value(getattr(wrapper.layer, bias)) * read_value(self._bias_mask)
+            values[bias] = read_value(getattr(wrapper.layer, bias)) * read_value(bias_mask)
         return values
 
     def normal_noise(self, wrapper, shape):
@@ -557,7 +567,7 @@ class TurboVBI(Method):
 
         ctx = tf.distribute.get_replica_context()
         replica = 0 if ctx is None else ctx.replica_id_in_sync_group
-        seed = step_seed(self._seed, wrapper.step, replica)
+        seed = step_seed(wrapper.state["noise_seed"], wrapper.step, replica)
         return tf.random.stateless_normal(shape, seed, dtype="float32")
 
     def effective_variables(self, wrapper, training):
@@ -574,13 +584,13 @@ class TurboVBI(Method):
             wrapper: the `PruneWrapper`.
             sigma: ``softplus(kernel_sigma)`` if already computed (None: computed here).
         """
-        mu = read_value(getattr(wrapper.layer, self._spec.name), "float32")
+        mu = read_value(getattr(wrapper.layer, self._spec(wrapper).name), "float32")
         if sigma is None:
-            sigma = ops.softplus(read_value(self._sigma_raw, "float32"))
-        precision = read_value(self._precision, "float32")
+            sigma = ops.softplus(read_value(self._state(wrapper, "sigma"), "float32"))
+        precision = read_value(self._state(wrapper, "prior_precision"), "float32")
         kl = (0.5 * (precision * (ops.square(mu) + ops.square(sigma)) - ops.log(precision) - 1.0)
               - ops.log(sigma))
-        return ops.sum(kl * read_value(self._mask, "float32"))
+        return ops.sum(kl * read_value(self._state(wrapper, "mask"), "float32"))
 
     def call(self, wrapper, inputs, training, **kwargs):
         values = self._values(wrapper)
@@ -594,11 +604,12 @@ class TurboVBI(Method):
                 f"TurboVBI: layer '{wrapper.layer.name}' is being trained but "
                 "`num_train_examples` is None; pass TurboVBI(num_train_examples=len(x_train)) "
                 "(it scales the KL term to one example).")
-        name = self._spec.name
+        name = self._spec(wrapper).name
         # Sampling and KL in float32 (also under mixed precision, where sigma**2 ~ 1e-6 would
         # be a float16 subnormal); the output is cast back to the compute dtype.
-        sigma = ops.softplus(read_value(self._sigma_raw, "float32"))  # for variance and KL
-        var_values = {name: ops.square(sigma) * read_value(self._mask, "float32")}
+        sigma = ops.softplus(read_value(self._state(wrapper, "sigma"), "float32"))
+        var_values = {name: ops.square(sigma) * read_value(self._state(wrapper, "mask"),
+                                                            "float32")}
         bias = wrapper.handler.bias
         if bias is not None and getattr(wrapper.layer, bias, None) is not None:
             var_values[bias] = ops.zeros(tuple(getattr(wrapper.layer, bias).shape), "float32")
@@ -619,12 +630,16 @@ class TurboVBI(Method):
         return ops.cast(activation(out), wrapper.compute_dtype)
 
     # -- turbo iteration ---------------------------------------------------------
-    def _grid(self, value):
-        return np.asarray(kernel_grid(np.asarray(value), self._spec.layout), np.float64)
+    def _grid(self, wrapper, value):
+        """``value`` (a kernel-shaped variable or array) as its float64 numpy `kernel_grid`."""
+        value = np.asarray(ops.convert_to_numpy(value))
+        return np.asarray(kernel_grid(value, self._spec(wrapper).layout), np.float64)
 
-    def _to_kernel(self, grid, shape=None):
-        shape = self._shape if shape is None else shape
-        return np.asarray(_from_grid(grid, shape, self._spec.layout))
+    def _to_kernel(self, wrapper, grid):
+        """A ``[fan_in, units]`` grid back in the kernel's shape (numpy)."""
+        spec = self._spec(wrapper)
+        shape = tuple(getattr(wrapper.layer, spec.name).shape)
+        return np.asarray(_from_grid(grid, shape, spec.layout))
 
     def module_b(self, evidence):
         """Structured prior ``P(s = 1)`` (extrinsic) from module A's evidence probabilities."""
@@ -662,42 +677,45 @@ class TurboVBI(Method):
 
     def turbo_step(self, wrapper):
         """Runs one turbo iteration (module A closed forms + module B) and sets the mask."""
-        mu = self._grid(ops.convert_to_numpy(getattr(wrapper.layer, self._spec.name)))
-        sigma = self._grid(ops.convert_to_numpy(ops.softplus(self._sigma_raw)))
-        support = self._grid(ops.convert_to_numpy(self._support))
+        var = functools.partial(self._state, wrapper)
+        mu = self._grid(wrapper, getattr(wrapper.layer, self._spec(wrapper).name))
+        sigma = self._grid(wrapper, ops.softplus(var("sigma")))
+        support = self._grid(wrapper, var("support_posterior"))
         scale = 1.0
         if self.normalize:
-            scale = float(ops.convert_to_numpy(self._scale))
+            scale = float(ops.convert_to_numpy(var("weight_scale")))
             if scale <= 0:
                 scale = float(np.mean(mu ** 2)) or 1.0
-                self._scale.assign(scale)
+                var("weight_scale").assign(scale)
         m2 = (mu ** 2 + sigma ** 2) / scale
         new = self.posterior_update(m2, support)
         new["precision"] = new["precision"] / scale
         step = int(ops.convert_to_numpy(wrapper.step))
-        old_keep = self._grid(ops.convert_to_numpy(self._mask)) > 0
+        old_keep = self._grid(wrapper, var("mask")) > 0
         keep = old_keep
         if step >= self.begin_step:
             keep = (new["support"] >= self.threshold) & (np.abs(mu) >= self.min_magnitude)
             # Pruning is irreversible: pruned weights get no gradient, their evidence is stale.
             keep &= old_keep
-        dtype = self._mask.dtype
-        self._support.assign(self._to_kernel(new["support"]).astype(dtype))
-        self._prior.assign(self._to_kernel(new["prior"]).astype(dtype))
-        self._precision.assign(self._to_kernel(new["precision"]).astype(dtype))
-        for var, value in ((self._rho_shape, new["shape"]), (self._rho_rate, new["rate"])):
-            var.assign(np.stack([self._to_kernel(v) for v in value]).astype(dtype))
-        self._turbo_count.assign_add(1)
+        dtype = var("mask").dtype
+        to_kernel = functools.partial(self._to_kernel, wrapper)
+        var("support_posterior").assign(to_kernel(new["support"]).astype(dtype))
+        var("support_prior").assign(to_kernel(new["prior"]).astype(dtype))
+        var("prior_precision").assign(to_kernel(new["precision"]).astype(dtype))
+        for key, value in (("rho_shape", new["shape"]), ("rho_rate", new["rate"])):
+            var(key).assign(np.stack([to_kernel(v) for v in value]).astype(dtype))
+        var("turbo_iterations").assign_add(1)
         if self.filter_units:
             # Units removed by earlier iterations are folded into `old_keep` (their columns are
             # zero in the effective mask), so they score 0 and stay removed.
-            self._weight_mask.assign(self._to_kernel(keep.astype(np.float64)).astype(dtype))
+            var("weight_mask").assign(to_kernel(keep.astype(np.float64)).astype(dtype))
             scores = self._unit_scores(new["support"], keep, m2)
-            self._apply_units(self._select_units(scores, self.unit_sparsity(step)))
+            self._apply_units(wrapper, self._select_units(scores, self.unit_sparsity(step)))
             return True
-        self._mask.assign(self._to_kernel(keep.astype(np.float64)).astype(dtype))
-        if self._bias_mask is not None:
-            self._bias_mask.assign(keep.any(axis=0).astype(self._bias_mask.dtype))
+        var("mask").assign(to_kernel(keep.astype(np.float64)).astype(dtype))
+        bias_mask = var("bias_mask")
+        if bias_mask is not None:
+            bias_mask.assign(keep.any(axis=0).astype(bias_mask.dtype))
         return True
 
     # -- units (Filter) ----------------------------------------------------------------
@@ -714,19 +732,21 @@ class TurboVBI(Method):
         mask[np.argsort(-scores, kind="stable")[:keep]] = True
         return mask
 
-    def _apply_units(self, unit):
+    def _apply_units(self, wrapper, unit):
         """Sets the unit, effective and bias masks from ``unit`` and the weight mask.
 
         A unit with no kept weight is removed too (as ``prune_units`` does).
         """
-        weights = self._grid(ops.convert_to_numpy(self._weight_mask)) > 0
+        var = functools.partial(self._state, wrapper)
+        weights = self._grid(wrapper, var("weight_mask")) > 0
         unit = np.asarray(unit, bool).reshape(-1) & weights.any(axis=0)
-        dtype = self._mask.dtype
-        self._units.assign(unit.astype(dtype))
-        self._mask.assign(self._to_kernel((weights & unit[None, :]).astype(np.float64))
-                          .astype(dtype))
-        if self._bias_mask is not None:
-            self._bias_mask.assign(unit.astype(self._bias_mask.dtype))
+        dtype = var("mask").dtype
+        var("unit_mask").assign(unit.astype(dtype))
+        var("mask").assign(self._to_kernel(wrapper, (weights & unit[None, :]).astype(np.float64))
+                           .astype(dtype))
+        bias_mask = var("bias_mask")
+        if bias_mask is not None:
+            bias_mask.assign(unit.astype(bias_mask.dtype))
 
     def unit_scores(self, wrapper):
         """Posterior importance of each unit, numpy ``[units]`` (`Filter` only).
@@ -743,12 +763,13 @@ class TurboVBI(Method):
 
     def _unit_evidence(self, wrapper):
         """``(support, weight keep, normalized E_q[w^2])`` grids from the saved state."""
-        mu = self._grid(ops.convert_to_numpy(getattr(wrapper.layer, self._spec.name)))
-        sigma = self._grid(ops.convert_to_numpy(ops.softplus(self._sigma_raw)))
-        scale = float(ops.convert_to_numpy(self._scale)) if self.normalize else 1.0
+        var = functools.partial(self._state, wrapper)
+        mu = self._grid(wrapper, getattr(wrapper.layer, self._spec(wrapper).name))
+        sigma = self._grid(wrapper, ops.softplus(var("sigma")))
+        scale = float(ops.convert_to_numpy(var("weight_scale"))) if self.normalize else 1.0
         m2 = (mu ** 2 + sigma ** 2) / (scale if scale > 0 else 1.0)
-        support = self._grid(ops.convert_to_numpy(self._support))
-        keep = self._grid(ops.convert_to_numpy(self._weight_mask)) > 0
+        support = self._grid(wrapper, var("support_posterior"))
+        keep = self._grid(wrapper, var("weight_mask")) > 0
         return support, keep, m2
 
     def set_unit_mask(self, wrapper, unit_mask):
@@ -758,11 +779,12 @@ class TurboVBI(Method):
         if not self.filter_units:
             return super().set_unit_mask(wrapper, unit_mask)
         unit = np.asarray(ops.convert_to_numpy(unit_mask)).reshape(-1)
-        if unit.shape[0] != int(self._units.shape[0]):
+        units = int(self._state(wrapper, "unit_mask").shape[0])
+        if unit.shape[0] != units:
             raise ValueError(
-                f"TurboVBI: layer '{wrapper.layer.name}' has {int(self._units.shape[0])} units, "
+                f"TurboVBI: layer '{wrapper.layer.name}' has {units} units, "
                 f"got a unit mask of {unit.shape[0]}.")
-        self._apply_units(unit > 0)
+        self._apply_units(wrapper, unit > 0)
 
     def _due(self, wrapper, step):
         return self.freeze_step is None or step < self.freeze_step
@@ -784,26 +806,29 @@ class TurboVBI(Method):
 
     # -- results -------------------------------------------------------------------
     def final_masks(self, wrapper):
-        out = {self._spec.name: np.asarray(ops.convert_to_numpy(self._mask))}
-        if self._bias_mask is not None:
-            out[wrapper.handler.bias] = np.asarray(ops.convert_to_numpy(self._bias_mask))
+        out = {self._spec(wrapper).name: np.asarray(ops.convert_to_numpy(
+            self._state(wrapper, "mask")))}
+        bias_mask = self._state(wrapper, "bias_mask")
+        if bias_mask is not None:
+            out[wrapper.handler.bias] = np.asarray(ops.convert_to_numpy(bias_mask))
         return out
 
     def unit_mask(self, wrapper):
         if not self.prune_units:
             return None
         if self.filter_units:
-            return np.asarray(ops.convert_to_numpy(self._units), "float32")
-        grid = self._grid(ops.convert_to_numpy(self._mask))
+            return np.asarray(ops.convert_to_numpy(self._state(wrapper, "unit_mask")), "float32")
+        grid = self._grid(wrapper, self._state(wrapper, "mask"))
         return (grid.sum(axis=0) > 0).astype("float32")
 
     def logs(self, wrapper):
-        support = np.asarray(ops.convert_to_numpy(self._support), np.float64)
-        prior = np.asarray(ops.convert_to_numpy(self._prior), np.float64)
+        var = functools.partial(self._state, wrapper)
+        support = np.asarray(ops.convert_to_numpy(var("support_posterior")), np.float64)
+        prior = np.asarray(ops.convert_to_numpy(var("support_prior")), np.float64)
         return {
             "expected_sparsity": float(1.0 - support.mean()),
             "mean_support_prob": float(support.mean()),
             "mean_prior_prob": float(prior.mean()),
             "kl": float(ops.convert_to_numpy(self.kl_divergence(wrapper))),
-            "turbo_iterations": int(ops.convert_to_numpy(self._turbo_count)),
+            "turbo_iterations": int(ops.convert_to_numpy(var("turbo_iterations"))),
         }
