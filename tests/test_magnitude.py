@@ -267,7 +267,6 @@ def test_gradually_pruned_groups_stay_pruned():
     ({"sparsity": 1.5}, ValueError, "`sparsity`"),
     ({"sparsity": float("nan")}, ValueError, "`sparsity`"),
     ({"sparsity": "high"}, TypeError, "`sparsity`"),
-    ({}, ValueError, "`sparsity`"),
     ({"sparsity": 0.5, "schedule": schedules.PolynomialDecay(0.0, 0.9, 0, 10)}, ValueError,
      "final sparsity"),
     ({"sparsity": 0.5, "structure": "block"}, ValueError, "structure"),
@@ -276,6 +275,12 @@ def test_gradually_pruned_groups_stay_pruned():
 def test_bad_arguments_raise(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         methods.Magnitude(**kwargs)
+
+
+def test_magnitude_without_sparsity_or_schedule_raises_when_used_without_a_budget():
+    method = methods.Magnitude()  # allowed: a budget may choose the units
+    with pytest.raises(ValueError, match="give `sparsity`.*or prune with a `budget`"):
+        tfprune.PruneWrapper(keras.layers.Dense(4), method)
 
 
 def test_k_out_of_n_with_a_contradicting_sparsity_raises():
