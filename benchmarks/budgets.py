@@ -668,7 +668,8 @@ def _md_latency(part):
         f"{TITLES['vgg']}, random weights, `Magnitude(structure=Filter())`, `{r['budget']}`, "
         f"{FIT_STEPS} fit steps on random data, strip, shrink. Predicted: the budget's "
         f"`LatencyTable` for the shrunk widths (dense {r['table_dense_us']:.0f} us when the "
-        f"table was measured, {r['table_seconds']:.0f} s to measure); `budget.verify`: the "
+        f"table was measured, {r['table_seconds']:.0f} s to measure"
+        f"{', loaded from the cache' if r['table_from_cache'] else ''}); `budget.verify`: the "
         f"shrunk model timed once against the table's dense latency; same run: dense and "
         f"shrunk timed in the same interleaved rounds (LiteRT float32, 1 thread). Goal: "
         f"measured <= 0.45x dense.\n\n")
@@ -698,6 +699,10 @@ def render_markdown(data):
              f"- platform: {data['machine'].get('platform', '?')}\n",
              "- every ratio is measured within one part of one run (dense and pruned models "
              "timed in the same interleaved LiteRT rounds)\n"]
+    done = [(n, data["parts"][n]["seconds"] / 60) for n in PARTS if n in data["parts"]]
+    lines.append("- run time (wall clock, shared machine): "
+                 + ", ".join(f"{n} {m:.1f} min" for n, m in done)
+                 + f" (total {sum(m for _, m in done):.1f} min)\n")
     for name in PARTS:
         part = data["parts"].get(name)
         if part is None:
@@ -718,6 +723,7 @@ def write_plots(data, out, suffix=""):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - matplotlib.ticker below
 
     paths = []
     info = data["machine"]
@@ -751,6 +757,9 @@ def write_plots(data, out, suffix=""):
                                [_mean([r["accuracy"] * 100 for r in sel])], color="C2",
                                marker=marker, label=f"Magnitude (normalize='{norm}')", zorder=3)
             ax.set_xscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
             ax.set_title(TITLES.get(name, name), fontsize=9)
             ax.set_xlabel("FLOPs of the shrunk model / dense (log)")
             ax.set_ylabel("test accuracy (%)")
