@@ -146,3 +146,69 @@ def test_every_tfprune_config_trains_strips_and_shrinks_a_conv_model():
         assert not tfprune.wrapper.find_wrappers(final), c.name
         assert final.layers[-1].units == 10, c.name
         assert len(times) == 1, c.name
+
+
+def test_budgets_quick_meets_budgets_and_records_sane_values(tmp_path):
+    """`benchmarks.budgets --quick`: round_to, Taylor vs Magnitude and the latency budget."""
+    _run(["benchmarks.budgets", "--quick", "--parts", "round_to,taylor,latency"], tmp_path,
+         env={"TFPRUNE_CACHE_DIR": str(tmp_path / "cache")})
+    data = json.loads((tmp_path / "budgets_quick.json").read_text())
+    parts = data["parts"]
+    assert set(parts) == {"round_to", "taylor", "latency"}
+    for name, part in parts.items():
+        assert "error" not in part, (name, part.get("error"))
+        assert part["commit"] and part["date"] and "benchmarks.budgets --quick" in part["command"]
+    assert data["machine"]["tensorflow"].startswith("2.")
+
+    rows = parts["round_to"]["result"]["vgg"]["rows"]
+    assert {(r["keep"], r["round_to"]) for r in rows} == {(0.5, 1), (0.5, 8)}
+    for r in rows:
+        # The budget is met by the shrunk model, every width is a multiple of round_to (or
+        # full) and the shrunk model is faster than the dense one timed in the same rounds.
+        assert 0.2 < r["flops_ratio"] <= r["keep"] + 1e-6, r
+        assert r["not_multiples"] == {} and r["widths"], r
+        assert all(kept % r["round_to"] == 0 for kept, total in r["widths"].values()), r
+        assert 0.0 < r["latency_ratio"] < 1.0 and r["speedup"] == pytest.approx(
+            1.0 / r["latency_ratio"])
+
+    taylor = parts["taylor"]["result"]
+    assert set(taylor) == {"lenet5", "cifar_cnn"}
+    from benchmarks import common
+
+    if common.data_dir() is None or not (common.data_dir() / "cifar10").is_dir():
+        assert "CIFAR-10 not found" in taylor.pop("cifar_cnn")["skipped"]
+    for model, res in taylor.items():
+        by = {(r["method"], r["normalize"]): r for r in res["rows"]}
+        assert set(by) == {("dense", "mean"), ("Magnitude", "mean"), ("Taylor", "mean"),
+                           ("Magnitude", "none"), ("Magnitude", "cost")}, model
+        assert res["train"] == 256 and res["test"] == 500
+        for r in by.values():
+            assert "error" not in r, (model, r)
+            assert 0.0 <= r["accuracy"] <= 1.0 and r["latency_us"] > 0, (model, r)
+            if r["method"] == "dense":
+                assert r["flops_ratio"] == 1.0 and r["latency_ratio"] == 1.0
+            else:
+                assert 0.1 < r["flops_ratio"] <= r["keep"] + 1e-6, (model, r)
+    # LeNet-5 trains within the quick budget: above chance (10 classes) when dense.
+    dense = next(r for r in taylor["lenet5"]["rows"] if r["method"] == "dense")
+    assert dense["accuracy"] > 0.2
+
+    lat = parts["latency"]["result"]
+    if lat["available"]:
+        assert 0.0 < lat["predicted_ratio"] < 1.0 and lat["predicted_us"] > 0
+        assert 0.0 < lat["measured_ratio"] < 1.0 and lat["dense_us"] > lat["shrunk_us"]
+        assert lat["verify"]["predicted_us"] == pytest.approx(lat["predicted_us"])
+        assert lat["widths"] and lat["not_multiples"] == {}
+    else:
+        assert "Latency" in lat["reason"]
+
+    text = (tmp_path / "budgets_quick.md").read_text()
+    for needle in ("# Pruning to a budget", "machine:", "round_to", "Taylor - Magnitude",
+                   "Importance normalization", "budgets.Latency"):
+        assert needle in text, needle
+    for plot in ("budgets_accuracy_quick.png", "budgets_round_to_quick.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+    # --render redraws the same markdown from the JSON alone.
+    (tmp_path / "budgets_quick.md").unlink()
+    _run(["benchmarks.budgets", "--quick", "--render"], tmp_path)
+    assert (tmp_path / "budgets_quick.md").read_text() == text
