@@ -35,7 +35,7 @@ _RESULTS_MARKER = "<!-- benchmark-results -->"
 _IMAGE_EXT = (".png", ".svg", ".jpg", ".jpeg", ".gif")
 _RESULT_FILE = re.compile(r"<!-- results:([A-Za-z0-9_.-]+\.md) -->")
 # results files shown on a page of their own (through the marker above), not on benchmarks/
-_OWN_PAGE = ("architectures",)
+_OWN_PAGE = ("architectures", "budgets")
 _IMAGE_LINK = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\s*(?:\"[^\"]*\")?\))")
 
 
